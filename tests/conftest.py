@@ -1,6 +1,7 @@
 """Suite-wide setup: 8 fake CPU devices (sharding tests) and a persistent compilation cache."""
 import os
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu, when installed for AOT tests, must not grab a backend
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

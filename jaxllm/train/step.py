@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -90,30 +91,51 @@ def train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, state: 
     return new_state, metrics
 
 
+def on_mesh(sharding, mesh):
+    """`sharding` if it lays an array out on `mesh`, else replication over `mesh` (for the step
+    counter, the rng and optimizer scalars that were created on a single device)."""
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+        return sharding
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh=None, *, grad_accum: int = 1,
-                    donate: bool = True, state_shardings=None, batch_sharding=None):
+                    donate: bool = True, state_shardings=None, batch_sharding=None, rules=None):
     """A jitted `step(state, batch) -> (state, metrics)`.
 
-    On a mesh the batch is split over the data-parallel axes (`batch_sharding`, default from
-    `jaxllm.parallel.rules`) and the state keeps the shardings it was created with (or
-    `state_shardings`), so params born sharded stay sharded. The input state is donated.
+    On a mesh the batch is split over the data-parallel axes (`batch_sharding`, default from the
+    logical rules) and the state keeps the shardings it was created with (or `state_shardings`,
+    which also makes the result a plain jitted function that `.lower()`s for ahead-of-time
+    compilation), so params born sharded stay sharded. Activation constraints inside the model
+    resolve through the same logical `rules`. The input state is donated.
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-
-    def step(state, batch):
-        return train_step(loss_fn, optimizer, state, batch, grad_accum)
-
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(step, donate_argnums=donate_argnums)
+        return jax.jit(lambda state, batch: train_step(loss_fn, optimizer, state, batch, grad_accum),
+                       donate_argnums=donate_argnums)
 
-    from jaxllm.parallel import rules
+    from jaxllm.parallel import rules as rules_lib
 
-    data_sharding = batch_sharding or rules.batch_sharding(mesh)
-    compiled = {}
-
+    rules = rules_lib.mesh_rules(rules or rules_lib.DEFAULT_RULES, mesh)
+    # Leading (batch) dimension only, so [B] and [B, T, ...] leaves share one sharding.
+    data_sharding = batch_sharding or rules_lib.logical_sharding(("batch",), mesh, rules)
     data_size = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+
+    def step(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return train_step(loss_fn, optimizer, state, batch, grad_accum)
+
+    def jitted(shardings):
+        return jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
+                       donate_argnums=donate_argnums)
+
+    if state_shardings is not None:
+        return jitted(state_shardings)
+
+
+    compiled = {}
 
     def sharded_step(state, batch):
         rows = jax.tree.leaves(batch)[0].shape[0]
@@ -121,10 +143,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
             raise ValueError(f"batch size {rows} is not divisible by the data-parallel size {data_size} "
                              f"x grad_accum {grad_accum}")
         if "fn" not in compiled:
-            shardings = state_shardings or jax.tree.map(lambda x: x.sharding, state)
-            batch_shardings = jax.tree.map(lambda _: data_sharding, batch)
-            compiled["fn"] = jax.jit(step, in_shardings=(shardings, batch_shardings),
-                                     out_shardings=(shardings, None), donate_argnums=donate_argnums)
+            compiled["fn"] = jitted(jax.tree.map(lambda x: on_mesh(x.sharding, mesh), state))
         return compiled["fn"](state, batch)
 
     return sharded_step
