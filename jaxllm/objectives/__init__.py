@@ -1,0 +1,17 @@
+"""Objectives: pure, jittable losses over logits or sequence log-probs (DESIGN.md, objective seam)."""
+from jaxllm.objectives.lm import nll_loss, sequence_logprobs, token_logprobs
+from jaxllm.objectives.preference import (
+    CPO_LOSSES,
+    DPO_LOSSES,
+    PreferenceConfig,
+    alphapo_reward,
+    cpo_loss,
+    dpo_loss,
+    make_preference_loss,
+    make_reference_logps,
+    preference_objective,
+)
+
+__all__ = ["CPO_LOSSES", "DPO_LOSSES", "PreferenceConfig", "alphapo_reward", "cpo_loss", "dpo_loss",
+           "make_preference_loss", "make_reference_logps", "nll_loss", "preference_objective",
+           "sequence_logprobs", "token_logprobs"]

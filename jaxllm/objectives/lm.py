@@ -18,7 +18,7 @@ def token_logprobs(logits_BTV, tokens_BT):
 
 def sequence_logprobs(logits_BTV, tokens_BT, mask_BT, average: bool = False):
     """Sum (or, with `average`, mask-mean) of token log-probs over the scored tokens of each row."""
-    mask_BT = mask_BT.astype(jnp.float32).at[:, 0].set(0.0)
+    mask_BT = jnp.asarray(mask_BT, jnp.float32).at[:, 0].set(0.0)
     total_B = jnp.sum(token_logprobs(logits_BTV, tokens_BT) * mask_BT, axis=-1)
     if average:
         return total_B / jnp.maximum(jnp.sum(mask_BT, axis=-1), 1.0)
@@ -28,6 +28,6 @@ def sequence_logprobs(logits_BTV, tokens_BT, mask_BT, average: bool = False):
 def nll_loss(logits_BTV, tokens_BT, mask_BT):
     """Token-mean NLL as (numerator, denominator) = (−Σ masked log-probs, number of scored tokens),
     so micro-batches can be accumulated exactly (see `jaxllm.train.step`)."""
-    mask_BT = mask_BT.astype(jnp.float32).at[:, 0].set(0.0)
+    mask_BT = jnp.asarray(mask_BT, jnp.float32).at[:, 0].set(0.0)
     numerator = -jnp.sum(token_logprobs(logits_BTV, tokens_BT) * mask_BT)
     return numerator, jnp.sum(mask_BT)
