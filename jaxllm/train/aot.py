@@ -18,8 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxllm.model import flops, llama
 from jaxllm.objectives import lm
 from jaxllm.parallel import make_mesh, rules
-from jaxllm.train.state import TrainState
-from jaxllm.train.step import make_train_step, on_mesh
+from jaxllm.train.state import TrainState, opt_state_shardings
+from jaxllm.train.step import make_train_step
 
 GiB = 1 << 30
 HBM_BYTES = {  # per chip, by jax device_kind
@@ -85,10 +85,9 @@ def abstract_train_state(cfg: llama.LlamaConfig, optimizer, mesh):
     shardings = rules.param_shardings(boxed, mesh, mesh_rules)["params"]
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed)["params"], shardings)
-    opt_init = jax.jit(optimizer.init).lower(params).compile()
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             jax.eval_shape(optimizer.init, params),
-                             jax.tree.map(lambda s: on_mesh(s, mesh), opt_init.output_shardings))
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt,
+                             opt_state_shardings(optimizer, abstract_opt, shardings, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
                       opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))

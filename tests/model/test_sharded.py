@@ -55,6 +55,9 @@ def test_sharded_training_matches_single_device():
     curves = []
     for m, p in ((None, jax.tree.map(jnp.asarray, host)), (mesh, params)):
         st = state_lib.init_state(p, opt, jax.random.key(0))
+        if m is not None:  # AdamW moments are created sharded like their params
+            assert rules.check_sharded(st.opt_state[0].mu) <= 0.01
+            assert rules.check_sharded(st.opt_state[0].nu) <= 0.01
         step = step_lib.make_train_step(loss_fn, opt, m, grad_accum=2)
         losses = []
         for _ in range(4):
