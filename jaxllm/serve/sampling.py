@@ -1,0 +1,221 @@
+"""Sampling parameters, the batched sampler, and LogitsFn transforms (the *logits* seam).
+
+A `LogitsFn` is `(params, tokens_T, positions_T, cache) -> (logits_SV, cache)` over one flat
+ragged pass (one logits row per sequence slot). Transforms take LogitsFns and return one:
+`map_logits`, `suppress_tokens`, and `proxy_tuned` (base + α·(expert − anti), arXiv 2401.08565).
+
+Per-request warping (temperature → top-k → top-p) happens in `sample`, after every LogitsFn
+transform, so a proxy-tuned ensemble is warped once, after combination. `sample` reports the
+log-probability of each sampled token under the distribution it was drawn from (the processed
+one), which is what RL needs as the behaviour log-prob.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LogitsFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings.
+
+    temperature 0 is greedy. top_k 0 and top_p 1 disable those filters. Generation ends after
+    `max_tokens` tokens or at the first token in `stop_tokens` (which is kept in the output).
+    `n` independent samples are drawn per request; the random stream of sample j at output token t
+    depends only on (seed, request index, j, t), never on batching or scheduling.
+    """
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    seed: int = 0
+    n: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, (int, np.integer)) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.n, (int, np.integer)) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        stop = tuple(self.stop_tokens)
+        bad = [t for t in stop if not isinstance(t, (int, np.integer)) or t < 0]
+        if bad:
+            raise ValueError(f"stop_tokens must be non-negative token ids, got {bad[0]!r}")
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stop))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingRows:
+    """Per-row sampling inputs of one pass (NumPy on host, arrays on device).
+
+    `request_S`, `sample_index_S` and `token_index_S` (index of the token being sampled in the
+    sequence's output) together with `seed_S` fix each row's random key.
+    """
+    temperature_S: jax.Array
+    top_k_S: jax.Array
+    top_p_S: jax.Array
+    seed_S: jax.Array
+    request_S: jax.Array
+    sample_index_S: jax.Array
+    token_index_S: jax.Array
+
+
+def sampling_rows(params: Sequence[SamplingParams], request_index: Sequence[int], sample_index: Sequence[int],
+                  token_index: Sequence[int], num_rows: int) -> SamplingRows:
+    """Host-side SamplingRows for the given rows, padded (greedy) to `num_rows`."""
+    if len(params) > num_rows:
+        raise ValueError(f"{len(params)} rows do not fit in num_rows={num_rows}")
+
+    def column(values, dtype, pad):
+        out = np.full(num_rows, pad, dtype)
+        out[:len(values)] = values
+        return out
+
+    return SamplingRows(
+        temperature_S=column([p.temperature for p in params], np.float32, 0.0),
+        top_k_S=column([p.top_k for p in params], np.int32, 0),
+        top_p_S=column([p.top_p for p in params], np.float32, 1.0),
+        seed_S=column([p.seed for p in params], np.uint32, 0),
+        request_S=column(request_index, np.int32, 0),
+        sample_index_S=column(sample_index, np.int32, 0),
+        token_index_S=column(token_index, np.int32, 0),
+    )
+
+
+def process_logits(logits_SV: jax.Array, temperature_S: jax.Array, top_k_S: jax.Array,
+                   top_p_S: jax.Array) -> jax.Array:
+    """Processed logits (float32): divide by temperature (rows with 0 are left unscaled), keep
+    the top_k largest (ties at the k-th value kept), then keep the smallest head of the sorted
+    distribution whose mass reaches top_p (ties at the boundary kept). Removed entries are −inf.
+    """
+    V = logits_SV.shape[-1]
+    t_S = jnp.where(temperature_S > 0, temperature_S, 1.0).astype(jnp.float32)
+    x_SV = logits_SV.astype(jnp.float32) / t_S[:, None]
+    sorted_SV = jnp.flip(jnp.sort(x_SV, axis=-1), axis=-1)  # descending
+
+    def threshold(index_S):
+        return jnp.take_along_axis(sorted_SV, jnp.clip(index_S, 0, V - 1)[:, None], axis=-1)
+
+    kth_S1 = jnp.where(((top_k_S > 0) & (top_k_S < V))[:, None], threshold(top_k_S - 1), -jnp.inf)
+    x_SV = jnp.where(x_SV >= kth_S1, x_SV, -jnp.inf)
+    sorted_SV = jnp.where(sorted_SV >= kth_S1, sorted_SV, -jnp.inf)
+
+    cum_SV = jnp.cumsum(jax.nn.softmax(sorted_SV, axis=-1), axis=-1)
+    first_reaching_S = jnp.sum(cum_SV < top_p_S[:, None], axis=-1)
+    nucleus_S1 = jnp.where((top_p_S < 1.0)[:, None], threshold(first_reaching_S), -jnp.inf)
+    return jnp.where(x_SV >= nucleus_S1, x_SV, -jnp.inf)
+
+
+def row_keys(rows: SamplingRows) -> jax.Array:
+    """Typed PRNG key per row: key(seed) folded with request, sample and token index."""
+    def one(seed, request, sample_index, token_index):
+        key = jax.random.fold_in(jax.random.key(seed), request)
+        return jax.random.fold_in(jax.random.fold_in(key, sample_index), token_index)
+
+    return jax.vmap(one)(rows.seed_S, rows.request_S, rows.sample_index_S, rows.token_index_S)
+
+
+def sample(logits_SV: jax.Array, rows: SamplingRows) -> tuple[jax.Array, jax.Array]:
+    """Sample one token per row; jittable. Returns (tokens_S int32, logprobs_S float32).
+
+    logprobs_S is the log-probability of the sampled token under the processed distribution
+    (`process_logits`). Greedy rows (temperature 0) take the argmax of the raw logits and report
+    its log-softmax under the raw logits (the argmax survives any top-k/top-p filter; the
+    point-mass log-prob 0 would carry no information).
+    """
+    raw_SV = logits_SV.astype(jnp.float32)
+    processed_SV = process_logits(raw_SV, rows.temperature_S, rows.top_k_S, rows.top_p_S)
+    drawn_S = jax.vmap(jax.random.categorical)(row_keys(rows), processed_SV)
+    greedy_S = rows.temperature_S == 0
+    tokens_S = jnp.where(greedy_S, jnp.argmax(raw_SV, axis=-1), drawn_S).astype(jnp.int32)
+    logp_SV = jnp.where(greedy_S[:, None], jax.nn.log_softmax(raw_SV, axis=-1),
+                        jax.nn.log_softmax(processed_SV, axis=-1))
+    return tokens_S, jnp.take_along_axis(logp_SV, tokens_S[:, None], axis=-1)[:, 0]
+
+
+# ---- LogitsFn transforms -------------------------------------------------------------------------
+def map_logits(fn: LogitsFn, f: Callable[[jax.Array], jax.Array]) -> LogitsFn:
+    """LogitsFn whose logits are `f(logits_SV)` of `fn`'s; the cache passes through."""
+    def mapped(params, tokens_T, positions_T, cache):
+        logits_SV, cache = fn(params, tokens_T, positions_T, cache)
+        return f(logits_SV), cache
+
+    return mapped
+
+
+def suppress_tokens(fn: LogitsFn, token_ids: Sequence[int]) -> LogitsFn:
+    """LogitsFn that never emits `token_ids` (their logits set to −inf)."""
+    ids = np.asarray(token_ids, np.int64)
+    if ids.ndim != 1 or (ids < 0).any():
+        raise ValueError(f"token_ids must be a list of non-negative ids, got {token_ids!r}")
+    return map_logits(fn, lambda logits_SV: logits_SV.at[:, ids].set(-jnp.inf))
+
+
+class ProxyTriple(NamedTuple):
+    """One value per proxy-tuning member: params, caches, or token streams (a pytree)."""
+    base: Any
+    expert: Any
+    anti: Any
+
+
+def combine_proxy_logits(base_SV: jax.Array, expert_SV: jax.Array, anti_SV: jax.Array, alpha: float = 1.0, *,
+                         vocab_size: int | None = None) -> jax.Array:
+    """base + α·(expert − anti) in float32.
+
+    Members must share one vocabulary size, or, with `vocab_size`, are each sliced to their first
+    `vocab_size` entries (e.g. CodeLlama's 32,016 vs Llama-2's 32,000 ids, extras at the end).
+    """
+    sizes = (base_SV.shape[-1], expert_SV.shape[-1], anti_SV.shape[-1])
+    if vocab_size is None:
+        if len(set(sizes)) != 1:
+            raise ValueError(f"proxy members have different vocabulary sizes (base, expert, anti) = {sizes}; "
+                             "pass vocab_size to use their shared leading ids")
+        vocab_size = sizes[0]
+    elif min(sizes) < vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} exceeds a member's vocabulary (base, expert, anti) = {sizes}")
+
+    def head(x):
+        return x[..., :vocab_size].astype(jnp.float32)
+
+    return head(base_SV) + alpha * (head(expert_SV) - head(anti_SV))
+
+
+def proxy_tuned(base: LogitsFn, expert: LogitsFn, anti: LogitsFn, alpha: float = 1.0, *,
+                vocab_size: int | None = None) -> LogitsFn:
+    """Proxy-tuning ensemble as one LogitsFn: logits = base + α·(expert − anti).
+
+    The returned fn takes `params` and `cache` as `ProxyTriple`s (each member keeps its own params
+    and cache). `tokens_T` and `positions_T` are either one array fed to all members or a
+    `ProxyTriple` of per-member streams, so each member can see its own prompt (e.g. the expert's
+    chat template) as long as every member yields one logits row per sequence slot, in the same
+    order. Returns (combined logits_SV, ProxyTriple of the members' new caches).
+    """
+    members = ProxyTriple(base, expert, anti)
+
+    def per_member(x):
+        return x if isinstance(x, ProxyTriple) else ProxyTriple(x, x, x)
+
+    def logits_fn(params, tokens_T, positions_T, cache):
+        outs = [fn(p, t, x, c) for fn, p, t, x, c in
+                zip(members, params, per_member(tokens_T), per_member(positions_T), cache)]
+        logits_SV = combine_proxy_logits(*(logits for logits, _ in outs), alpha, vocab_size=vocab_size)
+        return logits_SV, ProxyTriple(*(c for _, c in outs))
+
+    return logits_fn

@@ -1,0 +1,346 @@
+"""Host-side scheduling of ragged passes: Dynamic SplitFuse (arXiv 2401.08671) and baselines.
+
+Every pass holds at most `token_budget` tokens from at most `max_seqs` sequences. A sequence's
+K/V lives in the paged pool (`cache.BlockManager`); `num_computed` of its tokens are cached, and a
+pass feeds the next chunk of the rest. The last token fed samples the next one.
+
+Policies (same interface, same flat batch):
+- `splitfuse`: decodes first (one token each), then prompt tokens up to the budget: prompts
+  already in progress first, then waiting prompts in arrival order. Long prompts are split over
+  passes (only the final chunk samples), short ones are fused into the same pass.
+- `prefill_first`: a pass runs only whole prompts when any waiting prompt can be admitted, pausing
+  every decode; otherwise all decodes. Nothing is chunked, so every request must fit the budget.
+- `static`: a group of requests is admitted together when nothing is running; its whole prompts
+  run in prefill-only passes, then it decodes until every member finishes.
+
+Admission: a prompt starts only when the free pool holds blocks for all its remaining tokens
+(prefix-cache hits excluded) plus one block for its first decode when it will need one
+(`reserve="prompt"`), or for its whole final length (`reserve="prompt_plus_max_new"`, which never
+preempts). When a decode needs a block and none is free, the most recently admitted sequence is
+preempted by recompute: its blocks are freed and it returns to the front of the queue with its
+generated tokens appended to its prompt, so its outputs are unchanged.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+from collections.abc import Sequence as SequenceABC
+
+import numpy as np
+
+from jaxllm.serve.cache import BlockManager, RaggedBatch
+from jaxllm.serve.sampling import SamplingParams, SamplingRows, sampling_rows
+
+POLICIES = ("splitfuse", "prefill_first", "static")
+RESERVES = ("prompt", "prompt_plus_max_new")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Scheduler settings. `buckets` are the padded token counts T a pass may have (one compile
+    each); the row count is padded to min(max_seqs, T). `max_model_len` bounds prompt + max_tokens
+    and sets the block-table width (default: the whole pool). `vocab_size` enables id checks."""
+    num_blocks: int
+    policy: str = "splitfuse"
+    token_budget: int = 768
+    max_seqs: int = 512
+    block_size: int = 64
+    reserve: str = "prompt"
+    buckets: tuple[int, ...] = (64, 128, 256, 512, 768)
+    prefix_caching: bool = True
+    max_model_len: int | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.reserve not in RESERVES:
+            raise ValueError(f"reserve must be one of {RESERVES}, got {self.reserve!r}")
+        for name in ("num_blocks", "token_budget", "max_seqs", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_model_len", "vocab_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        buckets = tuple(self.buckets)
+        if not buckets or any(b <= a for a, b in zip(buckets, buckets[1:])) or buckets[0] <= 0:
+            raise ValueError(f"buckets must be positive and strictly increasing, got {self.buckets!r}")
+        if buckets[-1] < self.token_budget:
+            raise ValueError(f"largest bucket {buckets[-1]} is below token_budget {self.token_budget}")
+        object.__setattr__(self, "buckets", buckets)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"    # queued, no blocks
+    PREFILL = "prefill"    # admitted, prompt (or recompute) chunks pending
+    DECODE = "decode"      # one pending token: the last sampled one
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One sample of one request: its tokens (prompt, then output), and how many are cached."""
+    seq_id: int
+    request_index: int
+    sample_index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    finish_reason: str | None = None  # "stop" | "length"
+    num_preemptions: int = 0
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """Tokens whose K/V is ever cached: all but the last sampled one."""
+        return self.num_prompt_tokens + self.params.max_tokens - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """One pass: row s of `batch` feeds `num_tokens[s]` tokens of `seqs[s]`."""
+    seqs: tuple[Sequence, ...]
+    num_tokens: tuple[int, ...]
+    batch: RaggedBatch
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def sampling_rows(self) -> SamplingRows:
+        """Sampling inputs for every row of `batch` (padding rows greedy)."""
+        return sampling_rows([s.params for s in self.seqs], [s.request_index for s in self.seqs],
+                             [s.sample_index for s in self.seqs],
+                             [s.num_tokens - s.num_prompt_tokens for s in self.seqs],
+                             len(self.batch.context_len_S))
+
+
+class Scheduler:
+    """Request queue + block manager; `schedule()` plans a pass, `update()` applies its samples."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # admission order
+        self.num_preemptions = 0
+        self._max_running = min(cfg.max_seqs, cfg.token_budget)
+        self._table_width = (self.blocks.blocks_for(cfg.max_model_len) if cfg.max_model_len else cfg.num_blocks)
+        self._group: set[int] = set()  # static policy: ids of the group being served
+        self._next_seq_id = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add(self, request_index: int, prompt: SequenceABC[int], params: SamplingParams) -> list[Sequence]:
+        """Validate a request and queue its `params.n` samples; a bad request raises ValueError and
+        leaves the scheduler untouched."""
+        cfg, tokens = self.cfg, list(prompt)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"request {request_index}: sampling params must be SamplingParams, got {params!r}")
+        if not tokens:
+            raise ValueError(f"request {request_index}: empty prompt")
+        for t in tokens:
+            if not isinstance(t, (int, np.integer)) or t < 0 or (cfg.vocab_size is not None and t >= cfg.vocab_size):
+                vocab = f" (vocabulary size {cfg.vocab_size})" if cfg.vocab_size is not None else ""
+                raise ValueError(f"request {request_index}: invalid token id {t!r}{vocab}")
+        total = len(tokens) + params.max_tokens
+        if cfg.max_model_len is not None and total > cfg.max_model_len:
+            raise ValueError(f"request {request_index}: prompt of {len(tokens)} tokens + max_tokens "
+                             f"{params.max_tokens} exceeds max_model_len {cfg.max_model_len}")
+        kv_blocks = self.blocks.blocks_for(total - 1)
+        if kv_blocks > cfg.num_blocks:
+            raise ValueError(f"request {request_index}: prompt of {len(tokens)} tokens + max_tokens "
+                             f"{params.max_tokens} needs {kv_blocks} KV blocks, the whole cache has {cfg.num_blocks}")
+        if cfg.policy != "splitfuse" and total - 1 > cfg.token_budget:
+            raise ValueError(f"request {request_index}: policy {cfg.policy!r} does not chunk, so prompt of "
+                             f"{len(tokens)} tokens + max_tokens {params.max_tokens} (recomputed after "
+                             f"preemption) must fit token_budget {cfg.token_budget}")
+        seqs = []
+        for j in range(params.n):
+            seqs.append(Sequence(self._next_seq_id, request_index, j, [int(t) for t in tokens], len(tokens), params))
+            self._next_seq_id += 1
+        self.waiting.extend(seqs)
+        return seqs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def reset_prefix_cache(self) -> None:
+        """Drop cached blocks (weights changed); only valid when nothing is running."""
+        self.blocks.reset_prefix_cache()
+
+    # ---- planning ------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        """Plan the next pass; None when no request is left."""
+        plan = self._plan_split_fuse if self.cfg.policy == "splitfuse" else self._plan_whole_prompts
+        rows = plan()
+        if not rows and self.has_unfinished():
+            # Everything running was preempted (the pool is now free): admit from the queue.
+            rows = plan()
+        return self._build_plan(rows) if rows else None
+
+    def _plan_split_fuse(self) -> list[tuple[Sequence, int]]:
+        rows: list[tuple[Sequence, int]] = []
+        preempted = self._schedule_decodes(rows)
+        budget = self.cfg.token_budget - len(rows)
+        for seq in [s for s in self.running if s.status is Status.PREFILL]:  # chunks in progress first
+            if budget == 0:
+                return rows
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            rows.append((seq, n))
+            budget -= n
+        while not preempted and budget > 0 and self._admit_head():
+            seq = self.running[-1]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            rows.append((seq, n))
+            budget -= n
+        return rows
+
+    def _plan_whole_prompts(self) -> list[tuple[Sequence, int]]:
+        static = self.cfg.policy == "static"
+        if static:
+            self._admit_group()
+        rows: list[tuple[Sequence, int]] = []
+        budget = self.cfg.token_budget
+        for seq in [s for s in self.running if s.status is Status.PREFILL]:
+            n = seq.num_tokens - seq.num_computed
+            if n > budget:
+                break
+            rows.append((seq, n))
+            budget -= n
+        while not static and self.waiting:
+            head = self.waiting[0]
+            if head.num_tokens - len(self.blocks.cached_prefix(head.token_ids)) * self.cfg.block_size > budget:
+                break
+            if not self._admit_head():
+                break
+            rows.append((head, head.num_tokens - head.num_computed))
+            budget -= rows[-1][1]
+        if not rows:
+            self._schedule_decodes(rows)
+        return rows
+
+    def _schedule_decodes(self, rows: list[tuple[Sequence, int]]) -> bool:
+        """Append every running decode (admission order), preempting the newest sequence while a
+        decode lacks a block. Returns whether anything was preempted."""
+        preempted = False
+        for seq in list(self.running):
+            if seq.status is not Status.DECODE:  # prefilling, or preempted earlier in this loop
+                continue
+            while not self.blocks.append_slots(seq.seq_id, seq.num_computed + 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                rows.append((seq, 1))
+        return preempted
+
+    def _admit_head(self) -> bool:
+        """Admit the first waiting sequence if the running set and the pool have room for it."""
+        if not self.waiting or len(self.running) >= self._max_running:
+            return False
+        seq, blocks = self.waiting[0], self.blocks
+        if self.cfg.reserve == "prompt_plus_max_new":
+            num_tokens, extra = seq.max_kv_tokens, 0
+        else:
+            num_tokens = seq.num_tokens
+            extra = int(blocks.blocks_for(seq.max_kv_tokens) > blocks.blocks_for(num_tokens))
+        if blocks.blocks_to_allocate(seq.token_ids, num_tokens) + extra > blocks.num_free_blocks:
+            return False
+        seq.num_computed = blocks.allocate(seq.seq_id, seq.token_ids, num_tokens)
+        seq.status = Status.PREFILL
+        self.running.append(self.waiting.popleft())
+        return True
+
+    def _admit_group(self) -> None:
+        """Static policy: when nothing runs, start a new group from the queue head; otherwise only
+        readmit members of the current group (preempted ones wait at the queue front)."""
+        if not self.running and self.waiting and self.waiting[0].seq_id not in self._group:
+            self._group = set()
+            forming = True
+        else:
+            forming = False
+        while self.waiting and (forming or self.waiting[0].seq_id in self._group):
+            head = self.waiting[0]
+            if not self._admit_head():
+                return
+            self._group.add(head.seq_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _build_plan(self, rows: list[tuple[Sequence, int]]) -> StepPlan:
+        used = sum(n for _, n in rows)
+        T = next(b for b in self.cfg.buckets if b >= used)
+        S = min(self.cfg.max_seqs, T)
+        tokens_T = np.zeros(T, np.int32)
+        positions_T = np.zeros(T, np.int32)
+        slot_T = np.full(T, -1, np.int32)
+        slot_mapping_T = np.full(T, -1, np.int32)
+        block_tables_SN = np.full((S, self._table_width), -1, np.int32)
+        context_len_S = np.zeros(S, np.int32)
+        last_index_S = np.full(S, -1, np.int32)
+        sample_S = np.zeros(S, bool)
+        t = 0
+        for s, (seq, n) in enumerate(rows):
+            start, stop = seq.num_computed, seq.num_computed + n
+            tokens_T[t:t + n] = seq.token_ids[start:stop]
+            positions_T[t:t + n] = np.arange(start, stop)
+            slot_T[t:t + n] = s
+            slot_mapping_T[t:t + n] = self.blocks.slot_mapping(seq.seq_id, start, stop)
+            table = self.blocks.block_table(seq.seq_id)
+            block_tables_SN[s, :len(table)] = table
+            context_len_S[s] = stop
+            last_index_S[s] = t + n - 1
+            sample_S[s] = stop == seq.num_tokens
+            t += n
+        batch = RaggedBatch(tokens_T, positions_T, slot_T, slot_mapping_T, block_tables_SN, context_len_S,
+                            last_index_S, sample_S)
+        return StepPlan(tuple(seq for seq, _ in rows), tuple(n for _, n in rows), batch)
+
+    # ---- results -------------------------------------------------------------------------------
+    def update(self, plan: StepPlan, tokens_S: np.ndarray, logprobs_S: np.ndarray) -> list[Sequence]:
+        """Apply a finished pass: mark its tokens cached, append sampled tokens, finish sequences
+        (their blocks return to the pool). Returns the sequences that finished."""
+        finished = []
+        for s, (seq, n) in enumerate(zip(plan.seqs, plan.num_tokens)):
+            seq.num_computed += n
+            self.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            if not plan.batch.sample_S[s]:
+                continue
+            token = int(tokens_S[s])
+            seq.token_ids.append(token)
+            seq.logprobs.append(float(logprobs_S[s]))
+            seq.status = Status.DECODE
+            if token in seq.params.stop_tokens:
+                seq.finish_reason = "stop"
+            elif seq.num_tokens - seq.num_prompt_tokens == seq.params.max_tokens:
+                seq.finish_reason = "length"
+            else:
+                continue
+            seq.status = Status.FINISHED
+            self.blocks.free(seq.seq_id)
+            self.running.remove(seq)
+            finished.append(seq)
+        return finished
