@@ -282,7 +282,7 @@ def _set(tree, keys, value):
     tree[keys[-1]] = value
 
 
-def load_bert(path: str):
-    """(BertConfig, params) of an HF BERT folder; see `jaxllm.model.hf_bert`."""
+def load_bert(path: str, **kwargs):
+    """(BertConfig, params) of an HF BERT folder; see `jaxllm.model.hf_bert.load_bert`."""
     from jaxllm.model.hf_bert import load_bert as _load_bert
-    return _load_bert(path)
+    return _load_bert(path, **kwargs)
