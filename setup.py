@@ -8,6 +8,7 @@ TEST = [
     "transformers>=5",
     "trl>=1.16",
     "matplotlib",
+    "sacrebleu",
 ]
 
 setuptools.setup(

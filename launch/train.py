@@ -1,0 +1,39 @@
+r"""Pre-train a Llama-family model from an ml_collections config file.
+
+  python -m launch.train --config=experiments/pretrain/config.py --workdir=/tmp/jaxllm_pretrain \
+      [--config.steps=1000 --config.model.d_model=512 ...]
+
+Every config field can be overridden with a dotted flag; a misspelt field is an error (the
+config is locked). Running it again with the same workdir resumes from the newest good
+checkpoint. On SIGTERM the run saves a checkpoint and exits with status 143 (128 + SIGTERM), so
+a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.train`.
+"""
+import signal
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxllm.parallel import distributed
+from jaxllm.train import config as config_lib
+from jaxllm.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    distributed.maybe_initialize()
+    result = loop.fit(config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
+    if result.preempted:
+        sys.exit(128 + signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    app.run(main)

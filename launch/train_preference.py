@@ -1,0 +1,52 @@
+r"""Preference-tune a Llama-family model (CPO, DPO and their variants, or SFT on the chosen side) from an
+ml_collections config file.
+
+  python -m launch.train_preference --config=experiments/cpo/trainer_config.py --workdir=/tmp/jaxllm_cpo_train \
+      [--config.objective.kind=dpo --config.steps=500 --config.init_checkpoint=/tmp/jaxllm_pretrain/checkpoints ...]
+
+The config holds `PreferenceTrainConfig` fields (built with `jaxllm.methods.preference.config_dict`),
+a `data` section (`PairDataConfig`) and `init_checkpoint`: a checkpoint directory of a `launch.train`
+run whose newest params start the policy ("" = random init); the starting params are also DPO's frozen
+reference. Running it again with the same workdir resumes from the newest good checkpoint. On SIGTERM
+the run saves a checkpoint and exits with status 143 (128 + SIGTERM). All logic lives in
+`jaxllm.methods.preference`.
+"""
+import signal
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxllm.methods import preference
+from jaxllm.parallel import distributed
+from jaxllm.parallel import mesh as mesh_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Preference config file (get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    distributed.maybe_initialize()
+    config = _CONFIG.value.to_dict()
+    cfg = preference.from_dict(config)
+    pairs, vocab_size = preference.load_pairs(preference.PairDataConfig(**config["data"]))
+    if vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer vocab_size {vocab_size} is larger than the model's vocab_size {cfg.model.vocab_size}")
+    params = None
+    if config["init_checkpoint"]:
+        params = preference.load_params(config["init_checkpoint"], cfg.model, mesh_lib.make_mesh(cfg.mesh))
+    print(f"{len(pairs['chosen_tokens'])} pairs of {pairs['chosen_tokens'].shape[1]} tokens; "
+          f"objective {cfg.objective or 'sft'}", flush=True)
+    result = preference.fit_preference(cfg, pairs, _WORKDIR.value, params=params)
+    if result.preempted:
+        sys.exit(128 + signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    app.run(main)
