@@ -11,8 +11,9 @@ reuses those blocks instead of recomputing them. Blocks whose reference count dr
 in the prefix cache until the free list hands them out again (least recently freed first).
 
 Device side (pure jnp): `KVPool` (k/v arrays [L, N, P, G, K]: layers, blocks, tokens per block,
-kv heads, head dim), `write_kv` (scatter new K/V by slot index), `copy_blocks` (for `fork`), and the
-ragged-batch metadata `RaggedBatch` that travels with the pool as `PagedKVCache`.
+kv heads, head dim) laid out as `KVSpec` says, `write_kv` (scatter new K/V by slot index),
+`copy_blocks` (for `fork`), and the ragged-batch metadata `RaggedBatch`. The pool and one pass's
+metadata travel together as `jaxllm.serve.paged_attention.PagedKVCache`.
 """
 from __future__ import annotations
 
@@ -212,12 +213,30 @@ class BlockManager:
 
 
 # ---- device side ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KVSpec:
+    """Per-token K/V layout of one model: what a paged pool for it holds."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, cfg) -> KVSpec:
+        """The spec of a `LlamaConfig` (K/V stored in its compute dtype)."""
+        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.dtype)
+
+    def bytes_per_block(self, block_size: int) -> int:
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVPool:
-    """K and V of every layer in blocks: [L, N, P, G, K] (P = tokens per block)."""
-    k_LNPGK: jax.Array
-    v_LNPGK: jax.Array
+    """K and V of every layer in blocks: `k`, `v` are [L, N, P, G, K] (P = tokens per block). Inside
+    the model each layer sees its slice, a KVPool of [N, P, G, K] arrays."""
+    k: jax.Array
+    v: jax.Array
 
 
 def init_kv_pool(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -242,8 +261,7 @@ def write_kv(k_NPGK: jax.Array, v_NPGK: jax.Array, k_TGK: jax.Array, v_TGK: jax.
 
 def copy_blocks(pool: KVPool, src_C: jax.Array, dst_C: jax.Array) -> KVPool:
     """Copy whole blocks src -> dst in every layer (the device half of `BlockManager.fork`)."""
-    return KVPool(pool.k_LNPGK.at[:, dst_C].set(pool.k_LNPGK[:, src_C]),
-                  pool.v_LNPGK.at[:, dst_C].set(pool.v_LNPGK[:, src_C]))
+    return KVPool(pool.k.at[:, dst_C].set(pool.k[:, src_C]), pool.v.at[:, dst_C].set(pool.v[:, src_C]))
 
 
 @jax.tree_util.register_dataclass
@@ -267,10 +285,3 @@ class RaggedBatch:
     last_index_S: jax.Array
     sample_S: jax.Array
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PagedKVCache:
-    """The `cache` a LogitsFn receives from the engine: the pool plus this pass's metadata."""
-    pool: KVPool
-    batch: RaggedBatch

@@ -99,28 +99,49 @@ def sampling_rows(params: Sequence[SamplingParams], request_index: Sequence[int]
     )
 
 
+CANDIDATES = 256  # top-k/top-p thresholds are searched among each row's largest logits first
+
+
 def process_logits(logits_SV: jax.Array, temperature_S: jax.Array, top_k_S: jax.Array,
                    top_p_S: jax.Array) -> jax.Array:
     """Processed logits (float32): divide by temperature (rows with 0 are left unscaled), keep
     the top_k largest (ties at the k-th value kept), then keep the smallest head of the sorted
     distribution whose mass reaches top_p (ties at the boundary kept). Removed entries are −inf.
+
+    Sorting a [S, V] array is slow on CPU, so the thresholds are found among each row's
+    `CANDIDATES` largest logits (`lax.top_k`) whenever every row's k-th value and nucleus lie
+    there; otherwise the whole rows are sorted. Passes where no row filters skip both.
     """
     V = logits_SV.shape[-1]
     t_S = jnp.where(temperature_S > 0, temperature_S, 1.0).astype(jnp.float32)
     x_SV = logits_SV.astype(jnp.float32) / t_S[:, None]
-    sorted_SV = jnp.flip(jnp.sort(x_SV, axis=-1), axis=-1)  # descending
+    k_S = jnp.where((top_k_S > 0) & (top_k_S < V), top_k_S, 0)  # 0: no top-k filter
+    filtering = jnp.any(k_S > 0) | jnp.any(top_p_S < 1.0)
 
-    def threshold(index_S):
-        return jnp.take_along_axis(sorted_SV, jnp.clip(index_S, 0, V - 1)[:, None], axis=-1)
+    def thresholds(sorted_SC, full):
+        """(cut = max(k-th value, nucleus threshold), whether both lie among the given largest
+        values (`full`: they are the whole sorted rows))."""
+        C = sorted_SC.shape[-1]
+        kth_S = jnp.where(k_S > 0, jnp.take_along_axis(sorted_SC, jnp.clip(k_S - 1, 0, C - 1)[:, None], -1)[:, 0],
+                          -jnp.inf)
+        kept_SV = x_SV >= kth_S[:, None]
+        top_S = jnp.max(x_SV, axis=-1)
+        total_S = jnp.sum(jnp.where(kept_SV, jnp.exp(x_SV - top_S[:, None]), 0.0), axis=-1)
+        probs_SC = jnp.where(sorted_SC >= kth_S[:, None], jnp.exp(sorted_SC - top_S[:, None]), 0.0) / total_S[:, None]
+        cum_SC = jnp.cumsum(probs_SC, axis=-1)
+        first_reaching_S = jnp.sum(cum_SC < top_p_S[:, None], axis=-1)
+        nucleus_S = jnp.take_along_axis(sorted_SC, jnp.minimum(first_reaching_S, C - 1)[:, None], -1)[:, 0]
+        nucleus_S = jnp.where(top_p_S < 1.0, nucleus_S, -jnp.inf)
+        found = full or jnp.all((k_S <= C) & ((top_p_S >= 1.0) | (first_reaching_S < C)))
+        return jnp.maximum(kth_S, nucleus_S), found
 
-    kth_S1 = jnp.where(((top_k_S > 0) & (top_k_S < V))[:, None], threshold(top_k_S - 1), -jnp.inf)
-    x_SV = jnp.where(x_SV >= kth_S1, x_SV, -jnp.inf)
-    sorted_SV = jnp.where(sorted_SV >= kth_S1, sorted_SV, -jnp.inf)
+    def filtered(x_SV):
+        cut_S, found = thresholds(jax.lax.top_k(x_SV, min(V, CANDIDATES))[0], CANDIDATES >= V)
+        cut_S = jax.lax.cond(found, lambda: cut_S,
+                             lambda: thresholds(jnp.flip(jnp.sort(x_SV, axis=-1), axis=-1), True)[0])
+        return jnp.where(x_SV >= cut_S[:, None], x_SV, -jnp.inf)
 
-    cum_SV = jnp.cumsum(jax.nn.softmax(sorted_SV, axis=-1), axis=-1)
-    first_reaching_S = jnp.sum(cum_SV < top_p_S[:, None], axis=-1)
-    nucleus_S1 = jnp.where((top_p_S < 1.0)[:, None], threshold(first_reaching_S), -jnp.inf)
-    return jnp.where(x_SV >= nucleus_S1, x_SV, -jnp.inf)
+    return jax.lax.cond(filtering, filtered, lambda x_SV: x_SV, x_SV)
 
 
 def row_keys(rows: SamplingRows) -> jax.Array:
@@ -132,22 +153,33 @@ def row_keys(rows: SamplingRows) -> jax.Array:
     return jax.vmap(one)(rows.seed_S, rows.request_S, rows.sample_index_S, rows.token_index_S)
 
 
+def _draw(processed_SV: jax.Array, rows: SamplingRows) -> jax.Array:
+    """One token per row from softmax(processed) by inverting its CDF at one uniform per row
+    (one random number per row instead of one per vocabulary entry)."""
+    u_S = jax.vmap(jax.random.uniform)(row_keys(rows))
+    p_SV = jnp.exp(processed_SV - jnp.max(processed_SV, axis=-1, keepdims=True))
+    cum_SV = jnp.cumsum(p_SV, axis=-1)
+    target_S = u_S * cum_SV[:, -1]
+    return jnp.minimum(jnp.sum(cum_SV <= target_S[:, None], axis=-1), processed_SV.shape[-1] - 1)
+
+
 def sample(logits_SV: jax.Array, rows: SamplingRows) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row; jittable. Returns (tokens_S int32, logprobs_S float32).
 
     logprobs_S is the log-probability of the sampled token under the processed distribution
     (`process_logits`). Greedy rows (temperature 0) take the argmax of the raw logits and report
     its log-softmax under the raw logits (the argmax survives any top-k/top-p filter; the
-    point-mass log-prob 0 would carry no information).
+    point-mass log-prob 0 would carry no information). Passes with only greedy rows draw nothing.
     """
     raw_SV = logits_SV.astype(jnp.float32)
     processed_SV = process_logits(raw_SV, rows.temperature_S, rows.top_k_S, rows.top_p_S)
-    drawn_S = jax.vmap(jax.random.categorical)(row_keys(rows), processed_SV)
     greedy_S = rows.temperature_S == 0
+    drawn_S = jax.lax.cond(jnp.all(greedy_S), lambda: jnp.zeros(greedy_S.shape, jnp.int32),
+                           lambda: _draw(processed_SV, rows).astype(jnp.int32))
     tokens_S = jnp.where(greedy_S, jnp.argmax(raw_SV, axis=-1), drawn_S).astype(jnp.int32)
-    logp_SV = jnp.where(greedy_S[:, None], jax.nn.log_softmax(raw_SV, axis=-1),
-                        jax.nn.log_softmax(processed_SV, axis=-1))
-    return tokens_S, jnp.take_along_axis(logp_SV, tokens_S[:, None], axis=-1)[:, 0]
+    x_SV = jnp.where(greedy_S[:, None], raw_SV, processed_SV)
+    chosen_S = jnp.take_along_axis(x_SV, tokens_S[:, None], axis=-1)[:, 0]
+    return tokens_S, chosen_S - jax.nn.logsumexp(x_SV, axis=-1)
 
 
 # ---- LogitsFn transforms -------------------------------------------------------------------------

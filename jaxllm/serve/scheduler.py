@@ -19,6 +19,11 @@ Admission: a prompt starts only when the free pool holds blocks for all its rema
 preempts). When a decode needs a block and none is free, the most recently admitted sequence is
 preempted by recompute: its blocks are freed and it returns to the front of the queue with its
 generated tokens appended to its prompt, so its outputs are unchanged.
+
+Static shapes: a pass is padded to the smallest of `buckets` holding its tokens (rows: min(max_seqs,
+T)), and its block tables to the smallest of `context_buckets` holding its longest context, so the
+device step compiles once per (token bucket, context bucket) pair and attention reads no more
+blocks per token than the pass needs.
 """
 from __future__ import annotations
 
@@ -40,7 +45,9 @@ RESERVES = ("prompt", "prompt_plus_max_new")
 class SchedulerConfig:
     """Scheduler settings. `buckets` are the padded token counts T a pass may have (one compile
     each); the row count is padded to min(max_seqs, T). `max_model_len` bounds prompt + max_tokens
-    and sets the block-table width (default: the whole pool). `vocab_size` enables id checks."""
+    and sets the widest block table (default: the whole pool). `context_buckets` (tokens,
+    increasing) are the block-table widths a pass may have; the full width is always one of them.
+    `vocab_size` enables id checks."""
     num_blocks: int
     policy: str = "splitfuse"
     token_budget: int = 768
@@ -50,6 +57,7 @@ class SchedulerConfig:
     buckets: tuple[int, ...] = (64, 128, 256, 512, 768)
     prefix_caching: bool = True
     max_model_len: int | None = None
+    context_buckets: tuple[int, ...] = ()
     vocab_size: int | None = None
 
     def __post_init__(self):
@@ -69,6 +77,27 @@ class SchedulerConfig:
         if buckets[-1] < self.token_budget:
             raise ValueError(f"largest bucket {buckets[-1]} is below token_budget {self.token_budget}")
         object.__setattr__(self, "buckets", buckets)
+        contexts = tuple(self.context_buckets)
+        if any(b <= a for a, b in zip(contexts, contexts[1:])) or (contexts and contexts[0] <= 0):
+            raise ValueError(f"context_buckets must be positive and strictly increasing, got {self.context_buckets!r}")
+        object.__setattr__(self, "context_buckets", contexts)
+
+    @property
+    def table_widths(self) -> tuple[int, ...]:
+        """Block-table widths a pass may have (blocks), increasing; the last is the full width."""
+        full = -(-self.max_model_len // self.block_size) if self.max_model_len else self.num_blocks
+        return tuple(sorted({min(-(-c // self.block_size), full) for c in self.context_buckets} | {full}))
+
+
+def check_prompt(request_index: int | str, tokens: SequenceABC[int], vocab_size: int | None) -> None:
+    """ValueError naming the request and the value when `tokens` is empty or holds an id that is not
+    an integer in [0, vocab_size)."""
+    if not tokens:
+        raise ValueError(f"request {request_index}: empty prompt")
+    for t in tokens:
+        if not isinstance(t, (int, np.integer)) or t < 0 or (vocab_size is not None and t >= vocab_size):
+            vocab = f" (vocabulary size {vocab_size})" if vocab_size is not None else ""
+            raise ValueError(f"request {request_index}: invalid token id {t!r}{vocab}")
 
 
 class Status(enum.Enum):
@@ -80,18 +109,27 @@ class Status(enum.Enum):
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
-    """One sample of one request: its tokens (prompt, then output), and how many are cached."""
+    """One sample of one request: its tokens (prompt, then output), and how many are cached.
+
+    `key` names the random stream of its samples (with seed, sample index and token index).
+    `prompt_key`, when given, replaces the prompt's ids in prefix-cache lookups: a request whose
+    prompt is several token streams (one per ensemble member) is cached under ids naming all of
+    them. `num_cached_tokens`: prompt tokens found in the prefix cache at first admission.
+    """
     seq_id: int
     request_index: int
     sample_index: int
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
+    key: int = 0
+    prompt_key: list[int] | None = None
     logprobs: list[float] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0
     finish_reason: str | None = None  # "stop" | "length"
     num_preemptions: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def prompt(self) -> list[int]:
@@ -104,6 +142,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def cache_ids(self) -> list[int]:
+        """The ids prefix caching hashes: `prompt_key` (or the prompt), then the output."""
+        return self.token_ids if self.prompt_key is None else self.prompt_key + self.output
 
     @property
     def max_kv_tokens(self) -> int:
@@ -124,7 +167,7 @@ class StepPlan:
 
     def sampling_rows(self) -> SamplingRows:
         """Sampling inputs for every row of `batch` (padding rows greedy)."""
-        return sampling_rows([s.params for s in self.seqs], [s.request_index for s in self.seqs],
+        return sampling_rows([s.params for s in self.seqs], [s.key for s in self.seqs],
                              [s.sample_index for s in self.seqs],
                              [s.num_tokens - s.num_prompt_tokens for s in self.seqs],
                              len(self.batch.context_len_S))
@@ -140,23 +183,37 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
         self._max_running = min(cfg.max_seqs, cfg.token_budget)
-        self._table_width = (self.blocks.blocks_for(cfg.max_model_len) if cfg.max_model_len else cfg.num_blocks)
         self._group: set[int] = set()  # static policy: ids of the group being served
         self._next_seq_id = 0
 
     # ---- requests ------------------------------------------------------------------------------
-    def add(self, request_index: int, prompt: SequenceABC[int], params: SamplingParams) -> list[Sequence]:
-        """Validate a request and queue its `params.n` samples; a bad request raises ValueError and
-        leaves the scheduler untouched."""
-        cfg, tokens = self.cfg, list(prompt)
+    def add(self, request_index: int, prompt: SequenceABC[int], params: SamplingParams, *, key: int | None = None,
+            prompt_key: SequenceABC[int] | None = None) -> list[Sequence]:
+        """Validate a request (`check`) and queue its `params.n` samples; a bad request raises
+        ValueError and leaves the scheduler untouched. `key` (default `request_index`) names its
+        random stream; `prompt_key` see `Sequence`."""
+        tokens = list(prompt)
+        self.check(request_index, tokens, params)
+        if prompt_key is not None and len(prompt_key) != len(tokens):
+            raise ValueError(f"request {request_index}: prompt_key has {len(prompt_key)} ids for {len(tokens)} tokens")
+        seqs = []
+        key = request_index if key is None else key
+        prompt_key = None if prompt_key is None else [int(t) for t in prompt_key]
+        for j in range(params.n):
+            seqs.append(Sequence(self._next_seq_id, request_index, j, [int(t) for t in tokens], len(tokens), params,
+                                 key, prompt_key))
+            self._next_seq_id += 1
+        self.waiting.extend(seqs)
+        return seqs
+
+    def check(self, request_index: int | str, tokens: SequenceABC[int], params: SamplingParams) -> None:
+        """ValueError naming the request and the offending value unless the request can be served:
+        a non-empty prompt of valid ids whose prompt + max_tokens fits max_model_len, the whole KV
+        pool, and (for the policies that never chunk) the token budget."""
+        cfg = self.cfg
         if not isinstance(params, SamplingParams):
             raise ValueError(f"request {request_index}: sampling params must be SamplingParams, got {params!r}")
-        if not tokens:
-            raise ValueError(f"request {request_index}: empty prompt")
-        for t in tokens:
-            if not isinstance(t, (int, np.integer)) or t < 0 or (cfg.vocab_size is not None and t >= cfg.vocab_size):
-                vocab = f" (vocabulary size {cfg.vocab_size})" if cfg.vocab_size is not None else ""
-                raise ValueError(f"request {request_index}: invalid token id {t!r}{vocab}")
+        check_prompt(request_index, tokens, cfg.vocab_size)
         total = len(tokens) + params.max_tokens
         if cfg.max_model_len is not None and total > cfg.max_model_len:
             raise ValueError(f"request {request_index}: prompt of {len(tokens)} tokens + max_tokens "
@@ -169,12 +226,6 @@ class Scheduler:
             raise ValueError(f"request {request_index}: policy {cfg.policy!r} does not chunk, so prompt of "
                              f"{len(tokens)} tokens + max_tokens {params.max_tokens} (recomputed after "
                              f"preemption) must fit token_budget {cfg.token_budget}")
-        seqs = []
-        for j in range(params.n):
-            seqs.append(Sequence(self._next_seq_id, request_index, j, [int(t) for t in tokens], len(tokens), params))
-            self._next_seq_id += 1
-        self.waiting.extend(seqs)
-        return seqs
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -224,7 +275,7 @@ class Scheduler:
             budget -= n
         while not static and self.waiting:
             head = self.waiting[0]
-            if head.num_tokens - len(self.blocks.cached_prefix(head.token_ids)) * self.cfg.block_size > budget:
+            if head.num_tokens - len(self.blocks.cached_prefix(head.cache_ids)) * self.cfg.block_size > budget:
                 break
             if not self._admit_head():
                 break
@@ -261,9 +312,11 @@ class Scheduler:
         else:
             num_tokens = seq.num_tokens
             extra = int(blocks.blocks_for(seq.max_kv_tokens) > blocks.blocks_for(num_tokens))
-        if blocks.blocks_to_allocate(seq.token_ids, num_tokens) + extra > blocks.num_free_blocks:
+        if blocks.blocks_to_allocate(seq.cache_ids, num_tokens) + extra > blocks.num_free_blocks:
             return False
-        seq.num_computed = blocks.allocate(seq.seq_id, seq.token_ids, num_tokens)
+        seq.num_computed = blocks.allocate(seq.seq_id, seq.cache_ids, num_tokens)
+        if not seq.num_preemptions:
+            seq.num_cached_tokens = seq.num_computed
         seq.status = Status.PREFILL
         self.running.append(self.waiting.popleft())
         return True
@@ -294,22 +347,28 @@ class Scheduler:
         used = sum(n for _, n in rows)
         T = next(b for b in self.cfg.buckets if b >= used)
         S = min(self.cfg.max_seqs, T)
+        longest = max(self.blocks.blocks_for(seq.num_computed + n) for seq, n in rows)
+        W = next(w for w in self.cfg.table_widths if w >= longest)
         tokens_T = np.zeros(T, np.int32)
         positions_T = np.zeros(T, np.int32)
         slot_T = np.full(T, -1, np.int32)
         slot_mapping_T = np.full(T, -1, np.int32)
-        block_tables_SN = np.full((S, self._table_width), -1, np.int32)
+        block_tables_SN = np.full((S, W), -1, np.int32)
         context_len_S = np.zeros(S, np.int32)
         last_index_S = np.full(S, -1, np.int32)
         sample_S = np.zeros(S, bool)
-        t = 0
+        t, bs = 0, self.cfg.block_size
         for s, (seq, n) in enumerate(rows):
             start, stop = seq.num_computed, seq.num_computed + n
-            tokens_T[t:t + n] = seq.token_ids[start:stop]
-            positions_T[t:t + n] = np.arange(start, stop)
-            slot_T[t:t + n] = s
-            slot_mapping_T[t:t + n] = self.blocks.slot_mapping(seq.seq_id, start, stop)
-            table = self.blocks.block_table(seq.seq_id)
+            table = self.blocks.block_table(seq.seq_id)[:W]
+            if n == 1:  # decodes: plain Python is several times faster than NumPy slices
+                tokens_T[t], positions_T[t], slot_T[t] = seq.token_ids[start], start, s
+                slot_mapping_T[t] = table[start // bs] * bs + start % bs
+            else:
+                tokens_T[t:t + n] = seq.token_ids[start:stop]
+                positions_T[t:t + n] = np.arange(start, stop)
+                slot_T[t:t + n] = s
+                slot_mapping_T[t:t + n] = self.blocks.slot_mapping(seq.seq_id, start, stop)
             block_tables_SN[s, :len(table)] = table
             context_len_S[s] = stop
             last_index_S[s] = t + n - 1
@@ -326,7 +385,7 @@ class Scheduler:
         finished = []
         for s, (seq, n) in enumerate(zip(plan.seqs, plan.num_tokens)):
             seq.num_computed += n
-            self.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            self.blocks.commit(seq.seq_id, seq.cache_ids, seq.num_computed)
             if not plan.batch.sample_S[s]:
                 continue
             token = int(tokens_S[s])

@@ -121,11 +121,11 @@ def test_write_kv_matches_numpy_scatter_and_drops_padding():
     N, P, G, K = 3, 4, 2, 5
     rng = np.random.default_rng(0)
     pool = init_kv_pool(2, N, P, G, K)
-    assert pool.k_LNPGK.shape == (2, N, P, G, K)
+    assert pool.k.shape == (2, N, P, G, K)
     k_TGK = rng.normal(size=(6, G, K)).astype(np.float32)
     v_TGK = rng.normal(size=(6, G, K)).astype(np.float32)
     slots_T = np.array([5, 6, 0, -1, 11, -1], np.int32)
-    k, v = jax.jit(write_kv)(pool.k_LNPGK[1], pool.v_LNPGK[1], k_TGK, v_TGK, slots_T)
+    k, v = jax.jit(write_kv)(pool.k[1], pool.v[1], k_TGK, v_TGK, slots_T)
 
     want_k = np.zeros((N * P, G, K), np.float32)
     want_v = np.zeros((N * P, G, K), np.float32)
@@ -143,5 +143,5 @@ def test_copy_blocks_copies_every_layer():
     out = copy_blocks(KVPool(jnp.asarray(k), jnp.asarray(v)), jnp.array([0, 2]), jnp.array([3, 1]))
     want_k, want_v = k.copy(), v.copy()
     want_k[:, [3, 1]], want_v[:, [3, 1]] = k[:, [0, 2]], v[:, [0, 2]]
-    np.testing.assert_array_equal(out.k_LNPGK, want_k)
-    np.testing.assert_array_equal(out.v_LNPGK, want_v)
+    np.testing.assert_array_equal(out.k, want_k)
+    np.testing.assert_array_equal(out.v, want_v)

@@ -243,3 +243,19 @@ def test_transforms_compose():
     np.testing.assert_allclose(logits, want, atol=1e-6)
     with pytest.raises(ValueError, match="-1"):
         suppress_tokens(member, [-1])
+
+
+def test_threshold_search_among_candidates_and_by_full_sort_match_numpy():
+    # V > CANDIDATES: peaked rows with small k / nucleus are resolved among each row's largest
+    # logits; a flat row with a wide nucleus, or k beyond the candidates, needs the full sort.
+    V = 1000
+    peaked = _logits(3, V, seed=12, scale=4.0)
+    flat = _logits(3, V, seed=13, scale=0.1)
+    for logits, settings in [(peaked, [(1.0, 5, 1.0), (0.7, 0, 0.9), (1.0, 20, 0.5)]),
+                             (flat, [(1.0, 0, 0.99), (1.0, 300, 1.0), (1.2, 0, 0.3)])]:
+        rows = _rows(settings)
+        got = np.asarray(process_jit(logits, rows.temperature_S, rows.top_k_S, rows.top_p_S))
+        for s, (t, k, p) in enumerate(settings):
+            want = _np_processed(logits[s], t, k, p)
+            np.testing.assert_array_equal(np.isfinite(got[s]), np.isfinite(want), err_msg=f"{(t, k, p)}")
+            np.testing.assert_allclose(got[s][np.isfinite(want)], want[np.isfinite(want)], rtol=1e-6)

@@ -1,0 +1,345 @@
+"""The inference engine: a host scheduler feeding one jitted step over flat ragged passes.
+
+Per iteration (`Engine.step`): the `Scheduler` plans a pass (which tokens of which sequences,
+their block tables and pool slots, padded to a bucket); the jitted device step runs the model's
+LogitsFn on it through a `PagedKVCache` (K/V scattered into the pool, paged attention, LM head on
+one row per sequence) and samples every row with its own settings; the sampled tokens come back
+to the host, where the scheduler appends them, finishes sequences and frees their blocks.
+
+The model is a `LlamaConfig` (the engine runs `Llama` itself) or any `LogitsFn`
+`(params, tokens_T, positions_T, cache) -> (logits_SV, cache)` together with the `KVSpec` of its
+cache: one spec, or a pytree of specs for an ensemble whose members each keep their own pool
+(e.g. `ProxyTriple` for proxy-tuning, see `jaxllm.methods.proxy_tuning`). Ensemble members may
+see different prompts: a request then gives one token list per member. The scheduler sees one
+sequence of the longest prompt's length; a member with a shorter prompt is left-aligned to its end
+(`PagedKVCache.offset_S`), so every member reaches its last prompt token in the same pass and
+sampled tokens are appended to all of them at once.
+
+The step is jitted with static shapes (token bucket × context bucket), so it compiles once per
+bucket pair that occurs (`precompile` compiles them all up front); `num_compiles` counts the traces.
+The host needs each pass's tokens before planning the next, so every step waits for the device:
+on CPU, `jax.config.update("jax_cpu_enable_async_dispatch", False)` (set by `launch/serve.py`)
+runs the step on the calling thread and saves a thread hand-off per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as SequenceABC
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.model.llama import Llama, LlamaConfig
+from jaxllm.serve.cache import KVSpec, RaggedBatch, init_kv_pool
+from jaxllm.serve.paged_attention import AttentionFn, PagedKVCache, commit, paged_attention
+from jaxllm.serve.sampling import LogitsFn, SamplingParams, sample, sampling_rows
+from jaxllm.serve.scheduler import Scheduler, SchedulerConfig, StepPlan, check_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One finished sample: generated `tokens`, the log-probability of each under the distribution
+    it was sampled from, why it ended ("stop": a stop token, kept in `tokens`; "length":
+    max_tokens), and how many prompt tokens were served from the prefix cache."""
+    request_id: int
+    sample_index: int
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    num_cached_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One token produced by `Engine.step` (finish_reason set on a sample's last token)."""
+    request_id: int
+    sample_index: int
+    token: int
+    logprob: float
+    finish_reason: str | None
+
+
+def llama_logits_fn(cfg: LlamaConfig) -> LogitsFn:
+    """The LogitsFn of `Llama(cfg)` over a paged pass: the flat pass is one row [1, T], and the LM
+    head runs only on each sequence's last token of the pass (`last_index_S`)."""
+    model = Llama(cfg)
+
+    def logits_fn(params, tokens_T, positions_T, cache):
+        last_S = jnp.maximum(cache.batch.last_index_S, 0)
+        logits_1SV, cache = model.apply({"params": params}, tokens_T[None], positions_T[None], cache=cache,
+                                        logit_indices_BS=last_S[None])
+        return logits_1SV[0], cache
+
+    return logits_fn
+
+
+def default_buckets(token_budget: int) -> tuple[int, ...]:
+    """Token buckets: powers of two from 16 below the budget, then the budget."""
+    sizes = [16]
+    while sizes[-1] * 2 < token_budget:
+        sizes.append(sizes[-1] * 2)
+    return tuple(b for b in sizes if b < token_budget) + (token_budget,)
+
+
+def default_context_buckets(max_model_len: int | None) -> tuple[int, ...]:
+    """Context buckets: 256 tokens, then ×4, below `max_model_len` (the full width is added)."""
+    sizes = []
+    while max_model_len and (sizes[-1] * 4 if sizes else 256) < max_model_len:
+        sizes.append(sizes[-1] * 4 if sizes else 256)
+    return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Streams:
+    """Per-member prompts of an ensemble request, left-padded (−1) to the longest: [M, L]."""
+    tokens_ML: np.ndarray
+    offsets_M: np.ndarray
+
+
+def _is_leaf_cache(x) -> bool:
+    return isinstance(x, PagedKVCache)
+
+
+class Engine:
+    """Continuous-batching inference over a paged KV cache.
+
+    Offline: `generate(prompts, sampling) -> list[Completion]`. Online: `add_request(...)` returns a
+    request id; each `step()` runs one pass and returns its `TokenEvent`s; `completions(id)` hands
+    over a finished request. Weights can be swapped between runs with `set_params` (which also
+    drops the prefix cache, whose K/V belong to the old weights).
+    """
+
+    def __init__(self, model: LlamaConfig | LogitsFn, params, *, token_budget: int = 256, block_size: int = 16,
+                 num_blocks: int = 1024, max_seqs: int = 64, policy: str = "splitfuse", reserve: str = "prompt",
+                 buckets: SequenceABC[int] | None = None, context_buckets: SequenceABC[int] | None = None,
+                 prefix_caching: bool = True, max_model_len: int | None = None, kv_spec=None,
+                 vocab_size: int | None = None, attention: AttentionFn = paged_attention):
+        if isinstance(model, LlamaConfig):
+            if kv_spec is not None or vocab_size is not None:
+                raise ValueError("kv_spec and vocab_size come from the LlamaConfig; pass them only with a LogitsFn")
+            logits_fn, kv_spec, vocab_size = llama_logits_fn(model), KVSpec.of(model), model.vocab_size
+            max_model_len = max_model_len or model.max_len
+        elif callable(model):
+            if kv_spec is None or vocab_size is None:
+                raise ValueError("a LogitsFn model needs kv_spec (KVSpec or a pytree of them) and vocab_size")
+            logits_fn = model
+        else:
+            raise ValueError(f"model must be a LlamaConfig or a LogitsFn, got {type(model).__name__}")
+        specs, self._treedef = jax.tree.flatten(kv_spec)
+        bad = [s for s in specs if not isinstance(s, KVSpec)]
+        if bad or not specs:
+            raise ValueError(f"kv_spec leaves must be KVSpec, got {bad[:1] or kv_spec!r}")
+        self.vocab_size = vocab_size
+        self.cfg = SchedulerConfig(
+            num_blocks=num_blocks, policy=policy, token_budget=token_budget, max_seqs=max_seqs,
+            block_size=block_size, reserve=reserve, buckets=tuple(buckets or default_buckets(token_budget)),
+            prefix_caching=prefix_caching, max_model_len=max_model_len, vocab_size=vocab_size,
+            context_buckets=tuple(default_context_buckets(max_model_len) if context_buckets is None
+                                  else context_buckets))
+        self.scheduler = Scheduler(self.cfg)
+        self.params = params
+        self._logits_fn, self._attention = logits_fn, attention
+        self._pools = tuple(init_kv_pool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim,
+                                         jnp.dtype(s.dtype)) for s in specs)
+        self._step_fn = jax.jit(self._device_step)
+        self._commit_fn = jax.jit(lambda pools, pending, slots: tuple(map(commit, pools, pending, slots)),
+                                  donate_argnums=(0,))
+        self._num_traces = 0
+        self._next_request_id = 0
+        self._streams: dict[int, _Streams] = {}
+        self._samples_left: dict[int, int] = {}
+        self._finished_samples: dict[int, list[Completion]] = {}
+        self._finished: dict[int, list[Completion]] = {}
+
+    # ---- requests ------------------------------------------------------------------------------
+    @property
+    def num_streams(self) -> int:
+        """Token streams per request: 1, or the number of ensemble members with their own cache."""
+        return len(self._pools)
+
+    @property
+    def num_compiles(self) -> int:
+        """Distinct shapes the device step was traced (= compiled) for."""
+        return self._num_traces
+
+    def add_request(self, prompt, sampling: SamplingParams, *, key: int = 0) -> int:
+        """Queue a request; returns its id. `prompt`: token ids, or (ensemble) a tuple with one
+        token list per member. Its samples' random streams depend only on (sampling.seed, key,
+        sample index, token index). A bad request raises ValueError and changes nothing."""
+        request = self._prepare(self._next_request_id, prompt, sampling)
+        return self._submit(request, sampling, key)
+
+    def generate(self, prompts: SequenceABC, sampling: SamplingParams | SequenceABC[SamplingParams]) -> list[Completion]:
+        """Complete every prompt (ordered by prompt, then sample). Prompt i uses key i. Every
+        request is validated before any is queued: a bad one raises ValueError naming its index
+        and leaves the engine as it was."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        elif len(sampling) != len(prompts):
+            raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
+        requests = [self._prepare(i, p, s) for i, (p, s) in enumerate(zip(prompts, sampling))]
+        ids = [self._submit(r, s, key=i) for i, (r, s) in enumerate(zip(requests, sampling))]
+        while any(i not in self._finished for i in ids):
+            self.step()
+        return [c for i in ids for c in self.completions(i)]
+
+    def completions(self, request_id: int) -> list[Completion]:
+        """The samples of a finished request (handed over once); ValueError if not finished."""
+        if request_id not in self._finished:
+            raise ValueError(f"request {request_id} is not finished (or was already collected)")
+        return self._finished.pop(request_id)
+
+    def is_finished(self, request_id: int) -> bool:
+        """Whether every sample of the request finished (and `completions` was not yet called)."""
+        return request_id in self._finished
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt blocks (their K/V came from the current weights)."""
+        self.scheduler.reset_prefix_cache()
+
+    def set_params(self, params) -> None:
+        """Swap the weights (e.g. after an RL update); only between runs, when nothing is in flight."""
+        if self.has_unfinished():
+            raise ValueError("cannot change params while requests are in flight")
+        self.reset_prefix_cache()
+        self.params = params
+
+    def _prepare(self, label, prompt, sampling):
+        """Validated (scheduler tokens, prompt_key, streams) of one request; raises ValueError.
+
+        `prompt` is one token list, or a tuple with one list per ensemble member (the same list
+        for every member is the one-list case)."""
+        if isinstance(prompt, tuple) and prompt and not isinstance(prompt[0], (int, np.integer)):
+            if len(prompt) != self.num_streams:
+                raise ValueError(f"request {label}: {len(prompt)} prompt streams for a model with "
+                                 f"{self.num_streams}")
+            streams = [list(s) for s in prompt]
+            for m, s in enumerate(streams):
+                check_prompt(f"{label} (stream {m})", s, self.vocab_size)
+        else:
+            streams = [list(prompt)]
+        if all(s == streams[0] for s in streams):
+            self.scheduler.check(label, streams[0], sampling)
+            return streams[0], None, None
+        lengths = [len(s) for s in streams]
+        L, V = max(lengths), self.vocab_size
+        tokens_ML = np.full((len(streams), L), -1, np.int64)
+        for m, s in enumerate(streams):
+            tokens_ML[m, L - len(s):] = s
+        # Prefix-cache ids naming every member's token at each position (all >= V, so never equal
+        # to a generated token): V + sum_m (token_m + 1) (V + 1)^m, exact in int64 for V < 2**20.
+        prompt_key = (V + sum((tokens_ML[m] + 1) * (V + 1) ** m for m in range(len(streams)))).tolist()
+        tokens = [0] * L
+        self.scheduler.check(label, tokens, sampling)
+        return tokens, prompt_key, _Streams(tokens_ML, np.asarray([L - n for n in lengths], np.int32))
+
+    def _submit(self, request, sampling: SamplingParams, key: int) -> int:
+        tokens, prompt_key, streams = request
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        self.scheduler.add(request_id, tokens, sampling, key=key, prompt_key=prompt_key)
+        if streams is not None:
+            self._streams[request_id] = streams
+        self._samples_left[request_id] = sampling.n
+        return request_id
+
+    # ---- passes --------------------------------------------------------------------------------
+    def precompile(self) -> int:
+        """Compile the device step for every (token bucket, table width) pair now, with all-padding
+        passes that change nothing, so no request waits for a compile; returns the pair count."""
+        pairs = [(T, W) for T in self.cfg.buckets for W in self.cfg.table_widths]
+        for T, W in pairs:
+            S = min(self.cfg.max_seqs, T)
+            batch = RaggedBatch(np.zeros(T, np.int32), np.zeros(T, np.int32), np.full(T, -1, np.int32),
+                                np.full(T, -1, np.int32), np.full((S, W), -1, np.int32), np.zeros(S, np.int32),
+                                np.full(S, -1, np.int32), np.zeros(S, bool))
+            batches, offsets = (batch,) * self.num_streams, (np.zeros(S, np.int32),) * self.num_streams
+            *_, pending = self._step_fn(self.params, self._pools, batches, offsets, sampling_rows([], [], [], [], S))
+            self._pools = self._commit_fn(self._pools, pending, tuple(b.slot_mapping_T for b in batches))
+        jax.block_until_ready(self._pools)
+        return len(pairs)
+
+    def step(self) -> list[TokenEvent]:
+        """Run one pass; returns the tokens it produced ([] when nothing is queued)."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        batches, offsets = self._stream_batches(plan)
+        tokens_S, logprobs_S, pending = self._step_fn(self.params, self._pools, batches, offsets,
+                                                      plan.sampling_rows())
+        self._pools = self._commit_fn(self._pools, pending, tuple(b.slot_mapping_T for b in batches))
+        tokens_S, logprobs_S = np.asarray(tokens_S), np.asarray(logprobs_S)
+        finished = {seq.seq_id for seq in self.scheduler.update(plan, tokens_S, logprobs_S)}
+        events = []
+        for s, seq in enumerate(plan.seqs):
+            if not plan.batch.sample_S[s]:
+                continue
+            done = seq.seq_id in finished
+            events.append(TokenEvent(seq.request_index, seq.sample_index, int(tokens_S[s]), float(logprobs_S[s]),
+                                     seq.finish_reason if done else None))
+            if done:
+                self._finish(seq)
+        return events
+
+    def _finish(self, seq) -> None:
+        rid = seq.request_index
+        done = self._finished_samples.setdefault(rid, [])
+        done.append(Completion(rid, seq.sample_index, list(seq.output), list(seq.logprobs), seq.finish_reason,
+                               seq.num_cached_tokens))
+        self._samples_left[rid] -= 1
+        if not self._samples_left[rid]:
+            del self._samples_left[rid], self._finished_samples[rid]
+            self._streams.pop(rid, None)
+            self._finished[rid] = sorted(done, key=lambda c: c.sample_index)
+
+    def _stream_batches(self, plan: StepPlan):
+        """Each member's view of the pass: its own tokens, positions and written slots for ensemble
+        requests with per-member prompts (padding before a shorter prompt is neither written nor
+        attended), and the row offsets."""
+        batch = plan.batch
+        S = len(batch.context_len_S)
+        rows = [(s, seq, t, n) for s, (seq, n, t) in
+                enumerate(zip(plan.seqs, plan.num_tokens, np.cumsum((0,) + plan.num_tokens[:-1])))
+                if seq.request_index in self._streams]
+        if not rows:
+            zeros_S = np.zeros(S, np.int32)
+            return (batch,) * self.num_streams, (zeros_S,) * self.num_streams
+        batches, offsets = [], []
+        for m in range(self.num_streams):
+            tokens_T, positions_T = batch.tokens_T.copy(), batch.positions_T.copy()
+            slot_T, slot_mapping_T = batch.slot_T.copy(), batch.slot_mapping_T.copy()
+            offset_S = np.zeros(S, np.int32)
+            for s, seq, t, n in rows:
+                streams = self._streams[seq.request_index]
+                prompt_L, d = streams.tokens_ML[m], int(streams.offsets_M[m])
+                v = np.arange(seq.num_computed, seq.num_computed + n)
+                in_prompt = v < len(prompt_L)
+                tok = np.where(in_prompt, prompt_L[np.minimum(v, len(prompt_L) - 1)], tokens_T[t:t + n])
+                pad = tok < 0
+                tokens_T[t:t + n] = np.where(pad, 0, tok)
+                positions_T[t:t + n] = np.maximum(v - d, 0)
+                slot_T[t:t + n] = np.where(pad, -1, s)
+                slot_mapping_T[t:t + n] = np.where(pad, -1, slot_mapping_T[t:t + n])
+                offset_S[s] = d
+            batches.append(dataclasses.replace(batch, tokens_T=tokens_T, positions_T=positions_T, slot_T=slot_T,
+                                               slot_mapping_T=slot_mapping_T))
+            offsets.append(offset_S)
+        return tuple(batches), tuple(offsets)
+
+    def _device_step(self, params, pools, batches: tuple[RaggedBatch, ...], offsets, rows):
+        """Jitted: the LogitsFn on one pass with every member's paged cache (pool read-only), then
+        sampling. Returns (tokens_S, logprobs_S, each member's pending K/V rows)."""
+        self._num_traces += 1
+        unflatten = lambda xs: jax.tree.unflatten(self._treedef, list(xs))  # noqa: E731
+        caches = [PagedKVCache(pool, b, off, self._attention) for pool, b, off in zip(pools, batches, offsets)]
+        logits_SV, new_caches = self._logits_fn(params, unflatten(b.tokens_T for b in batches),
+                                                unflatten(b.positions_T for b in batches), unflatten(caches))
+        if logits_SV.shape[-1] != self.vocab_size:
+            raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {self.vocab_size}")
+        pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
+        tokens_S, logprobs_S = sample(logits_SV, rows)
+        return tokens_S, logprobs_S, pending
