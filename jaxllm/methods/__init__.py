@@ -1,0 +1,1 @@
+"""Paper methods as loops and transforms over the core (DESIGN.md, loop seam)."""
