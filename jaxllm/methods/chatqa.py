@@ -54,7 +54,7 @@ from jaxllm.methods.retrieval import DualEncoder, Encoder, Index
 from jaxllm.model import llama, presets
 from jaxllm.objectives.contrastive import info_nce_loss
 from jaxllm.train import optim
-from jaxllm.train.config import MODEL_OVERRIDES
+from jaxllm.train.config import model_from_dict
 from jaxllm.train.config import config_dict as train_config_dict
 from jaxllm.train.state import init_state
 from jaxllm.train.step import make_train_step
@@ -760,14 +760,7 @@ def from_dict(d: Mapping[str, Any]) -> ChatQAConfig:
     """`ChatQAConfig` from a nested mapping shaped like `config_dict()` (model: a preset of
     `jaxllm.model.presets` plus non-None overrides)."""
     d = dict(d)
-    model = dict(d.pop("model", None) or {})
-    preset = model.pop("preset", None)
-    if not preset:
-        raise ValueError(f"model.preset must name a preset of jaxllm.model.presets, got {preset!r}")
-    unknown = set(model) - set(MODEL_OVERRIDES)
-    if unknown:
-        raise ValueError(f"unknown model fields {sorted(unknown)}; known: {sorted(MODEL_OVERRIDES)}")
-    model_cfg = presets.get(preset, **{k: v for k, v in model.items() if v is not None})
+    model_cfg = model_from_dict(d.pop("model", None) or {})
     return dataclasses.replace(_from_mapping(ChatQAConfig, {"model": model_cfg, **d}, ""), model=model_cfg)
 
 

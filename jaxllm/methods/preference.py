@@ -42,13 +42,13 @@ from ml_collections import config_dict as mlc
 from jaxllm.data.preference import collate_pairs, tokenize_pair
 from jaxllm.data.tasks import translation
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.model import llama, presets
+from jaxllm.model import llama
 from jaxllm.objectives import lm
 from jaxllm.objectives.preference import PreferenceConfig, make_preference_loss, make_reference_logps
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules
 from jaxllm.train import checkpoint, metrics, optim
-from jaxllm.train.config import MODEL_OVERRIDES
+from jaxllm.train.config import MODEL_OVERRIDES, model_from_dict
 from jaxllm.train.loop import sigterm_event
 from jaxllm.train.state import TrainState, init_state
 from jaxllm.train.step import make_train_step
@@ -534,13 +534,7 @@ def from_dict(d: Mapping[str, Any]) -> PreferenceTrainConfig:
     """`PreferenceTrainConfig` from a nested mapping shaped like `config_dict()` (sections other than
     model/objective/optimizer and the config's own fields are ignored: they belong to the caller)."""
     d = dict(d)
-    model = dict(d.get("model") or {})
-    preset = model.pop("preset", None)
-    if not preset:
-        raise ValueError(f"model.preset must name a preset of jaxllm.model.presets, got {preset!r}")
-    unknown = set(model) - set(MODEL_OVERRIDES)
-    if unknown:
-        raise ValueError(f"unknown model fields {sorted(unknown)}; known: {sorted(MODEL_OVERRIDES)}")
+    model = model_from_dict(d.get("model") or {})
     objective = dict(d.get("objective") or {})
     kind = objective.get("kind", "cpo")
     if kind not in OBJECTIVE_KINDS:
@@ -552,7 +546,7 @@ def from_dict(d: Mapping[str, Any]) -> PreferenceTrainConfig:
             raise ValueError(f"unknown {section} fields {sorted(set(values) - known)}; known: {sorted(known)}")
     fields = {f.name for f in dataclasses.fields(PreferenceTrainConfig)} - {"model", "objective", "optimizer"}
     return PreferenceTrainConfig(
-        model=presets.get(preset, **{k: v for k, v in model.items() if v is not None}),
+        model=model,
         objective=None if kind == "sft" else PreferenceConfig(**objective),
         optimizer=optim.OptimizerConfig(**optimizer),
         **{k: v for k, v in d.items() if k in fields})

@@ -56,6 +56,18 @@ class DataConfig:
             raise ValueError(f"data.worker_count must be >= 0, got {self.worker_count}")
 
 
+
+def model_from_dict(model: Mapping[str, Any]) -> LlamaConfig:
+    """A preset of `jaxllm.model.presets` with the non-None overrides of a config's `model` section."""
+    model = dict(model)
+    preset = model.pop("preset", None)
+    if not preset:
+        raise ValueError(f"model.preset must name a preset of jaxllm.model.presets, got {preset!r}")
+    unknown = set(model) - set(MODEL_OVERRIDES)
+    if unknown:
+        raise ValueError(f"unknown model fields {sorted(unknown)}; known: {sorted(MODEL_OVERRIDES)}")
+    return presets.get(preset, **{k: v for k, v in model.items() if v is not None})
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A pre-training run.
@@ -121,15 +133,7 @@ class TrainConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """From a nested mapping (e.g. `ConfigDict.to_dict()`) shaped like `config_dict()`."""
         d = dict(d)
-        model = dict(d.pop("model", None) or {})
-        preset = model.pop("preset", None)
-        if not preset:
-            raise ValueError(f"model.preset must name a preset of jaxllm.model.presets, got {preset!r}")
-        unknown = set(model) - set(MODEL_OVERRIDES)
-        if unknown:
-            raise ValueError(f"unknown model fields {sorted(unknown)}; known: {sorted(MODEL_OVERRIDES)}")
-        overrides = {k: v for k, v in model.items() if v is not None}
-        return cls(model=presets.get(preset, **overrides),
+        return cls(model=model_from_dict(d.pop("model", None) or {}),
                    data=_dataclass_from(DataConfig, d.pop("data", None) or {}, "data"),
                    optimizer=_dataclass_from(OptimizerConfig, d.pop("optimizer", None) or {}, "optimizer"),
                    **_checked_fields(cls, d, ""))
