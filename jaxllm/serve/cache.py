@@ -271,7 +271,8 @@ class RaggedBatch:
 
     Per token: `tokens_T`, `positions_T` (position in its sequence), `slot_T` (row of its sequence
     in the S axis, −1 for padding), `slot_mapping_T` (flat pool slot its K/V is written to, −1 for
-    padding). Per row: `block_tables_SN` (the sequence's blocks, −1 past its end),
+    padding). Per row: `block_tables_SN` (the sequence's leading blocks, at least those holding the
+    tokens cached before this pass; −1 past its end),
     `context_len_S` (tokens of the sequence in the cache after this pass), `last_index_S` (index in
     T of the row's last token, −1 for padding rows), `sample_S` (whether a token is sampled from
     this row: decodes and final prompt chunks).

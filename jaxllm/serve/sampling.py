@@ -163,6 +163,14 @@ def _draw(processed_SV: jax.Array, rows: SamplingRows) -> jax.Array:
     return jnp.minimum(jnp.sum(cum_SV <= target_S[:, None], axis=-1), processed_SV.shape[-1] - 1)
 
 
+def argmax_last(x_SV: jax.Array) -> jax.Array:
+    """First index of each row's maximum (= jnp.argmax(x, -1) for finite x); max + masked min
+    is several times faster on CPU than XLA's index-carrying argmax reduction."""
+    V = x_SV.shape[-1]
+    top_S1 = jnp.max(x_SV, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(x_SV == top_S1, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)
+
+
 def sample(logits_SV: jax.Array, rows: SamplingRows) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row; jittable. Returns (tokens_S int32, logprobs_S float32).
 
@@ -176,7 +184,7 @@ def sample(logits_SV: jax.Array, rows: SamplingRows) -> tuple[jax.Array, jax.Arr
     greedy_S = rows.temperature_S == 0
     drawn_S = jax.lax.cond(jnp.all(greedy_S), lambda: jnp.zeros(greedy_S.shape, jnp.int32),
                            lambda: _draw(processed_SV, rows).astype(jnp.int32))
-    tokens_S = jnp.where(greedy_S, jnp.argmax(raw_SV, axis=-1), drawn_S).astype(jnp.int32)
+    tokens_S = jnp.where(greedy_S, argmax_last(raw_SV), drawn_S).astype(jnp.int32)
     x_SV = jnp.where(greedy_S[:, None], raw_SV, processed_SV)
     chosen_S = jnp.take_along_axis(x_SV, tokens_S[:, None], axis=-1)[:, 0]
     return tokens_S, chosen_S - jax.nn.logsumexp(x_SV, axis=-1)

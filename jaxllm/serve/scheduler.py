@@ -21,9 +21,10 @@ preempted by recompute: its blocks are freed and it returns to the front of the 
 generated tokens appended to its prompt, so its outputs are unchanged.
 
 Static shapes: a pass is padded to the smallest of `buckets` holding its tokens (rows: min(max_seqs,
-T)), and its block tables to the smallest of `context_buckets` holding its longest context, so the
-device step compiles once per (token bucket, context bucket) pair and attention reads no more
-blocks per token than the pass needs.
+T)), and its block tables to the smallest of `context_buckets` holding its longest history (tokens
+cached before the pass; the pass's own tokens are addressed by `slot_mapping_T`), so the device
+step compiles once per (token bucket, context bucket) pair and attention reads no more blocks than
+the pass needs: a pass of fresh prompts reads none of the long tables their contexts will need.
 """
 from __future__ import annotations
 
@@ -347,7 +348,7 @@ class Scheduler:
         used = sum(n for _, n in rows)
         T = next(b for b in self.cfg.buckets if b >= used)
         S = min(self.cfg.max_seqs, T)
-        longest = max(self.blocks.blocks_for(seq.num_computed + n) for seq, n in rows)
+        longest = max(self.blocks.blocks_for(seq.num_computed) for seq, _ in rows)
         W = next(w for w in self.cfg.table_widths if w >= longest)
         tokens_T = np.zeros(T, np.int32)
         positions_T = np.zeros(T, np.int32)
@@ -360,7 +361,7 @@ class Scheduler:
         t, bs = 0, self.cfg.block_size
         for s, (seq, n) in enumerate(rows):
             start, stop = seq.num_computed, seq.num_computed + n
-            table = self.blocks.block_table(seq.seq_id)[:W]
+            table = self.blocks.block_table(seq.seq_id)
             if n == 1:  # decodes: plain Python is several times faster than NumPy slices
                 tokens_T[t], positions_T[t], slot_T[t] = seq.token_ids[start], start, s
                 slot_mapping_T[t] = table[start // bs] * bs + start % bs
@@ -369,7 +370,7 @@ class Scheduler:
                 positions_T[t:t + n] = np.arange(start, stop)
                 slot_T[t:t + n] = s
                 slot_mapping_T[t:t + n] = self.blocks.slot_mapping(seq.seq_id, start, stop)
-            block_tables_SN[s, :len(table)] = table
+            block_tables_SN[s, :min(len(table), W)] = table[:W]
             context_len_S[s] = stop
             last_index_S[s] = t + n - 1
             sample_S[s] = stop == seq.num_tokens

@@ -1,8 +1,8 @@
 """Scheduler with a mock model whose next-token logits are a fixed function of the whole history.
 
 The mock stores every fed token id and position in a paged pool through `write_kv` at the
-scheduler's slot mapping, and reads each sampling row's history back through its block table up
-to its context length. Its outputs therefore equal exact sequential decoding only if chunking,
+scheduler's slot mapping, and reads each sampling row's history back through its block table
+(tokens cached by earlier passes) and the pass's slot mapping (its own tokens). Its outputs therefore equal exact sequential decoding only if chunking,
 block tables, slot mappings, prefix-cache hits and recompute after preemption are all right.
 """
 import collections
@@ -43,9 +43,12 @@ class MockModel:
         k, v = np.asarray(self.k).reshape(-1), np.asarray(self.v).reshape(-1)
         logits_SV = np.zeros((len(batch.context_len_S), V), np.float32)
         for s in np.flatnonzero(batch.last_index_S >= 0):
-            ctx = int(batch.context_len_S[s])
-            table = batch.block_tables_SN[s, :-(-ctx // self.P)]
-            slots = (table[:, None] * self.P + np.arange(self.P)).reshape(-1)[:ctx]
+            ctx, last = int(batch.context_len_S[s]), int(batch.last_index_S[s])
+            first = int(np.flatnonzero(batch.slot_T == s)[0])
+            start = ctx - (last - first + 1)  # history: through the block table; this pass: its slots
+            table = batch.block_tables_SN[s, :-(-start // self.P)]
+            slots = (table[:, None] * self.P + np.arange(self.P)).reshape(-1)[:start]
+            slots = np.concatenate([slots, batch.slot_mapping_T[first:last + 1]]).astype(np.int64)
             np.testing.assert_array_equal(v[slots], np.arange(ctx))  # every position cached in place
             assert k[slots[-1]] == batch.tokens_T[batch.last_index_S[s]]
             logits_SV[s] = mock_logits(k[slots].astype(np.int64))
@@ -372,3 +375,22 @@ def test_config_validation():
                           ({"buckets": (16, 8)}, r"\(16, 8\)"), ({"buckets": (8,), "token_budget": 16}, "16")]:
         with pytest.raises(ValueError, match=match):
             SchedulerConfig(num_blocks=4, **kwargs)
+
+
+def test_block_tables_are_as_wide_as_the_longest_history_bucket():
+    cfg = SchedulerConfig(num_blocks=16, block_size=4, token_budget=32, max_seqs=4, buckets=(32,),
+                          max_model_len=40, context_buckets=(8, 20))
+    assert cfg.table_widths == (2, 5, 10)
+    requests = [(list(range(20)), SamplingParams(max_tokens=3))]
+    outputs, _, sched = run(cfg, requests)  # the mock checks every slot it reads and writes
+    assert_matches_reference(requests, outputs)
+    sched = Scheduler(cfg)
+    sched.add(0, *requests[0])
+    widths = []
+    while (plan := sched.schedule()) is not None:
+        widths.append(plan.batch.block_tables_SN.shape[1])
+        S = len(plan.batch.context_len_S)
+        sched.update(plan, np.zeros(S, np.int32), np.zeros(S, np.float32))
+    # fresh prompt: no history, narrowest tables; decodes after 20 and 21 cached tokens: 5 and 6
+    # blocks (position 20 starts block 5, which only the slot mapping addresses)
+    assert widths == [2, 5, 10]
