@@ -68,7 +68,10 @@ BUDGET = 128  # token budget of the headline SplitFuse arm (and vLLM's max_num_b
 # Online arms run at most 32 sequences per pass: the static row count bounds the attention's
 # history work per pass (tiles ≤ (T + S·3) / 4), and the online runs rarely hold more. The offline
 # batch-64 runs use a SplitFuse engine with 64.
-ENGINE_COMMON = dict(block_size=16, num_blocks=2048, max_seqs=32, context_buckets=(128, 256, 384))
+# Prefix caching is off (as in vLLM here): every rate replays the same prompts, which would
+# otherwise be served from the cache after the first run.
+ENGINE_COMMON = dict(block_size=16, num_blocks=2048, max_seqs=32, context_buckets=(128, 256, 384),
+                     prefix_caching=False)
 OFFLINE_ENGINE = dict(ENGINE_COMMON, max_seqs=64, policy="splitfuse", token_budget=128, buckets=(16, 32, 64, 128))
 # FastGen's input padding: passes padded to a multiple of 64 tokens (small decode passes to 16/32).
 PADDED_512 = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
@@ -314,7 +317,8 @@ def markdown(result: dict) -> str:
         f"{MODEL.d_model}, {MODEL.n_layers} layers, {MODEL.n_heads}/{MODEL.n_kv_heads} heads, d_ff {MODEL.d_ff}), "
         "float32, greedy, EOS ignored. Engine: block size 16, block tables padded to 128/256/384/512 tokens, "
         f"SplitFuse token budget {BUDGET} (and 64 in a second arm), prefill-first/static budget 512 with passes "
-        "padded to multiples of 64 tokens (FastGen's rule); at most 32 sequences per pass online, 64 offline. "
+        "padded to multiples of 64 tokens (FastGen's rule); at most 32 sequences per pass online, 64 offline; "
+        "no prefix caching. "
         f"vLLM: at most 64 sequences, {BUDGET}-token step budget. Offline numbers are the best of {REPEATS} runs "
         "per system.",
         "", "Engine cost curve (one pass of T prompt tokens, median of 5, ms): "
