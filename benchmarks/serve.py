@@ -26,7 +26,7 @@ R_p = ¼ of the engine's isolated prefill throughput at its token budget, r = f 
 its isolated one-sequence decode step and f = 1/4 (1/8 and 1/2 in serve.json). Effective
 throughput = throughput × fraction meeting the SLA, its peak over rates per system.
 
-Engine arms: SplitFuse with token budgets 128 (the headline) and 64, prefill-first and static
+Engine arms: SplitFuse with token budgets 256 (the headline), 128 and 64, prefill-first and static
 batching (budget 512, passes padded to multiples of 64 tokens as FastGen pads), all with block
 size 16, at most 32 sequences per pass (64 for the offline runs), and every shape compiled before
 timing (`Engine.precompile`).
@@ -64,7 +64,7 @@ _RATES = flags.DEFINE_list("rates", ["0.4", "0.7", "1.0"], "online rates as frac
 _SEED = flags.DEFINE_integer("seed", 0, "seed of lengths, prompts and arrivals")
 
 MODEL = presets.get("tiny", vocab_size=4096, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=640)
-BUDGET = 128  # token budget of the headline SplitFuse arm (and vLLM's max_num_batched_tokens)
+BUDGET = 256  # token budget of the headline SplitFuse arm (and vLLM's max_num_batched_tokens)
 # Online arms run at most 32 sequences per pass: the static row count bounds the attention's
 # history work per pass (tiles ≤ (T + S·3) / 4), and the online runs rarely hold more. The offline
 # batch-64 runs use a SplitFuse engine with 64.
@@ -72,11 +72,13 @@ BUDGET = 128  # token budget of the headline SplitFuse arm (and vLLM's max_num_b
 # otherwise be served from the cache after the first run.
 ENGINE_COMMON = dict(block_size=16, num_blocks=2048, max_seqs=32, context_buckets=(128, 256, 384),
                      prefix_caching=False)
-OFFLINE_ENGINE = dict(ENGINE_COMMON, max_seqs=64, policy="splitfuse", token_budget=128, buckets=(16, 32, 64, 128))
+OFFLINE_ENGINE = dict(ENGINE_COMMON, max_seqs=64, policy="splitfuse", token_budget=BUDGET,
+                      buckets=(16, 32, 64, 128, 192, 256))
 # FastGen's input padding: passes padded to a multiple of 64 tokens (small decode passes to 16/32).
 PADDED_512 = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
 ARMS = {
-    "splitfuse": dict(policy="splitfuse", token_budget=BUDGET, buckets=(16, 32, 64, 128)),
+    "splitfuse": dict(policy="splitfuse", token_budget=BUDGET, buckets=(16, 32, 64, 128, 192, 256)),
+    "splitfuse B=128": dict(policy="splitfuse", token_budget=128, buckets=(16, 32, 64, 128)),
     "splitfuse B=64": dict(policy="splitfuse", token_budget=64, buckets=(16, 32, 64)),
     # the non-chunking policies need a budget >= the longest prompt + output (recompute)
     "prefill_first": dict(policy="prefill_first", token_budget=512, buckets=PADDED_512),
@@ -264,12 +266,12 @@ def pass_costs(engine: Engine) -> dict[str, float]:
 
 
 def calibrate_sla(engine: Engine) -> dict:
-    """t_dec: median ITL of one sequence decoding alone; prefill_rate: ¼ of the tokens/s of one
-    3-budget prompt's prefill alone (TTFT)."""
+    """t_dec: median ITL of one sequence decoding alone; prefill_rate: ¼ of the tokens/s of the
+    prefill (TTFT) of one prompt as long as the model allows, alone."""
     rng = np.random.default_rng(99)
     decode = replay_engine(engine, [{"arrival": 0.0, "prompt": [int(x) for x in rng.integers(4, 4096, 32)],
                                      "max_tokens": 64}])[0]
-    n = 3 * BUDGET
+    n = MODEL.max_len - 1
     prefill = replay_engine(engine, [{"arrival": 0.0, "prompt": [int(x) for x in rng.integers(4, 4096, n)],
                                       "max_tokens": 1}])[0]
     return {"t_dec": float(np.median(np.diff(decode["times"]))), "prefill_rate": n / prefill["times"][0] / 4}
@@ -316,7 +318,7 @@ def markdown(result: dict) -> str:
         f"Model: random-weight Llama, {MODEL.num_params():,} parameters (vocab {MODEL.vocab_size}, d_model "
         f"{MODEL.d_model}, {MODEL.n_layers} layers, {MODEL.n_heads}/{MODEL.n_kv_heads} heads, d_ff {MODEL.d_ff}), "
         "float32, greedy, EOS ignored. Engine: block size 16, block tables padded to 128/256/384/512 tokens, "
-        f"SplitFuse token budget {BUDGET} (and 64 in a second arm), prefill-first/static budget 512 with passes "
+        f"SplitFuse token budget {BUDGET} (and 128, 64 in two more arms), prefill-first/static budget 512 with passes "
         "padded to multiples of 64 tokens (FastGen's rule); at most 32 sequences per pass online, 64 offline; "
         "no prefix caching. "
         f"vLLM: at most 64 sequences, {BUDGET}-token step budget. Offline numbers are the best of {REPEATS} runs "
@@ -363,7 +365,7 @@ def goals(result: dict) -> list[str]:
                 out.append(f"output tok/s vs {other} at batch {b}: {r:.2f}× (goal ≥ 1.5: {'met' if r >= 1.5 else 'missed'})")
     long = result["online"]["long_prompt"]
     pf = long["engine prefill_first"]
-    for arm in ("splitfuse", "splitfuse B=64"):
+    for arm in [a for a in ARMS if a.startswith("splitfuse")]:
         sf = long[f"engine {arm}"]
         for f in SLA_FRACTIONS:
             eff_sf = max(s[f"eff_req_s_{f}"] for s in sf.values())
