@@ -130,6 +130,9 @@ class Engine:
         bad = [s for s in specs if not isinstance(s, KVSpec)]
         if bad or not specs:
             raise ValueError(f"kv_spec leaves must be KVSpec, got {bad[:1] or kv_spec!r}")
+        if len(specs) > 1 and prefix_caching and vocab_size + (vocab_size + 1) ** len(specs) >= 2**63:
+            raise ValueError(f"prefix-cache ids of {len(specs)} prompt streams over {vocab_size} tokens overflow "
+                             "int64; pass prefix_caching=False")
         self.vocab_size = vocab_size
         self.cfg = SchedulerConfig(
             num_blocks=num_blocks, policy=policy, token_budget=token_budget, max_seqs=max_seqs,
@@ -231,7 +234,7 @@ class Engine:
         for m, s in enumerate(streams):
             tokens_ML[m, L - len(s):] = s
         # Prefix-cache ids naming every member's token at each position (all >= V, so never equal
-        # to a generated token): V + sum_m (token_m + 1) (V + 1)^m, exact in int64 for V < 2**20.
+        # to a generated token): V + sum_m (token_m + 1) (V + 1)^m, exact in int64 (checked at init).
         prompt_key = (V + sum((tokens_ML[m] + 1) * (V + 1) ** m for m in range(len(streams)))).tolist()
         tokens = [0] * L
         self.scheduler.check(label, tokens, sampling)

@@ -1,5 +1,6 @@
 """Checkpointer: exact round trip, verified restore (corrupt / half-written / all-bad), resharding,
 and a failed save that must not cost the last good checkpoint."""
+import gc
 import logging
 import pathlib
 
@@ -17,6 +18,13 @@ from jaxllm.train.state import TrainState
 # Reads of deliberately corrupted files leave orbax coroutines that are collected with an
 # "exception ignored" note; the errors that matter are the ones restore_latest raises or logs.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(autouse=True)
+def collect_aborted_reads():
+    """Collects those coroutines while this module's warning filter applies."""
+    yield
+    gc.collect()
 
 
 def make_state(step: int, seed: int = 0) -> TrainState:
