@@ -28,13 +28,13 @@ import warnings
 import jax
 import orbax.checkpoint as ocp
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxllm.data.tasks import conv_qa
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.methods import chatqa, preference, retrieval
+from jaxllm.methods import chatqa, chatqa_retriever, preference, retrieval
 from jaxllm.parallel import mesh as mesh_lib
+from launch import common
 
 STAGES = ("retriever", "sft1", "sft2", "eval")
 
@@ -48,7 +48,7 @@ def _retriever_dir(workdir: pathlib.Path) -> pathlib.Path:
     return (workdir / "retriever" / "params").absolute()
 
 
-def load_retriever(cfg: chatqa.ChatQAConfig, workdir: pathlib.Path, encoder, texts) -> chatqa.Retriever:
+def load_retriever(cfg: chatqa.ChatQAConfig, workdir: pathlib.Path, encoder, texts) -> chatqa_retriever.Retriever:
     """The fine-tuned retriever of the `retriever` stage over `texts`."""
     path = _retriever_dir(workdir)
     if not path.is_dir():
@@ -56,7 +56,7 @@ def load_retriever(cfg: chatqa.ChatQAConfig, workdir: pathlib.Path, encoder, tex
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), retrieval.dual_from_encoder(encoder)[1])
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(path, abstract)
-    return chatqa.Retriever.build(encoder, texts, dual_params=params, max_query_len=cfg.retriever.max_query_len,
+    return chatqa_retriever.Retriever.build(encoder, texts, dual_params=params, max_query_len=cfg.retriever.max_query_len,
                                   max_context_len=cfg.retriever.max_context_len)
 
 
@@ -76,8 +76,8 @@ def run_stage(stage: str, cfg: chatqa.ChatQAConfig, workdir: pathlib.Path) -> bo
 
     if stage == "retriever":
         encoder = chatqa.load_encoder(cfg.encoder_path)
-        pairs = chatqa.retrieval_pairs(data.dialogues["train"], encoder, cfg.retriever.max_query_len)
-        fit = chatqa.fit_retriever(encoder, pairs, data.chunks, cfg.retriever)
+        pairs = chatqa_retriever.retrieval_pairs(data.dialogues["train"], encoder, cfg.retriever.max_query_len)
+        fit = chatqa_retriever.fit_retriever(encoder, pairs, data.chunks, cfg.retriever)
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(_retriever_dir(workdir), fit.params, force=True)
         (workdir / "retriever" / "history.json").write_text(json.dumps(fit.history, indent=1))
@@ -120,10 +120,7 @@ def run_stage(stage: str, cfg: chatqa.ChatQAConfig, workdir: pathlib.Path) -> bo
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    common.start(argv)
     warnings.filterwarnings("ignore", message=".*exceeded .* tokens and were truncated")
     cfg = chatqa.from_dict(_CONFIG.value.to_dict())
     workdir = pathlib.Path(_WORKDIR.value)

@@ -36,7 +36,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxllm.data.tasks import long_context
@@ -44,6 +43,7 @@ from jaxllm.methods import context_extension as ce
 from jaxllm.model import hf, llama, presets, rope
 from jaxllm.train import checkpoint
 from jaxllm.train import config as train_config
+from launch import common
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -202,11 +202,8 @@ def define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.start(argv)
     FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
     new_cfg, _, losses = run(FLAGS.config, FLAGS.source, FLAGS.output, FLAGS.export_hf)
     print(f"extended to {new_cfg.max_len} tokens with {FLAGS.config.method}: {rope.to_hf(new_cfg.rope)}")
     print(f"SFT losses: {[round(l, 4) for l in losses]}")

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from jaxllm.methods.local_sgd import LocalSGDConfig, lm_task
 from jaxllm.methods.local_sgd.runner import run
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Local-SGD config file, one arm (get_config('ARM')).",
                                           lock_config=True)
@@ -49,8 +50,7 @@ def _train(c, lsgd: LocalSGDConfig, lm: lm_task.CorpusLM):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.start(argv)
     c = _CONFIG.value
     if c.backend not in BACKENDS:
         raise ValueError(f"config.backend={c.backend!r} must be one of {BACKENDS}")

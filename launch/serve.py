@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.serve import Engine, SamplingParams
 from jaxllm.train import config as train_config
+from launch import common
 
 REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop_token_ids", "ignore_eos")
 
@@ -297,11 +298,8 @@ def define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.start(argv)
     FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
     if (FLAGS.input is None) != (FLAGS.output is None):
         raise app.UsageError("batch mode needs both --input and --output")
     jax.config.update("jax_cpu_enable_async_dispatch", False)  # each step waits for its tokens anyway

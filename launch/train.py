@@ -12,12 +12,11 @@ import signal
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from jaxllm.parallel import distributed
 from jaxllm.train import config as config_lib
 from jaxllm.train import loop
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
@@ -25,11 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    distributed.maybe_initialize()
+    common.start(argv, multihost=True)
     result = loop.fit(config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
     if result.preempted:
         sys.exit(128 + signal.SIGTERM)

@@ -15,12 +15,11 @@ import signal
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxllm.methods import preference
-from jaxllm.parallel import distributed
 from jaxllm.parallel import mesh as mesh_lib
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preference config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
@@ -28,11 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    distributed.maybe_initialize()
+    common.start(argv, multihost=True)
     config = _CONFIG.value.to_dict()
     cfg = preference.from_dict(config)
     pairs, vocab_size = preference.load_pairs(preference.PairDataConfig(**config["data"]))

@@ -7,7 +7,7 @@ A. Retrieval (test split, answerable turns >= 2, recall@1/@5 of the gold chunk a
    untuned on the last turn, the full history and the oracle rewrite; MiniLM with its query tower
    fine-tuned (InfoNCE, in-batch + 1 hard negative from the gold chunk's document) on full-history
    queries of the training dialogues, on the full history and on the rewrite. All queries are the
-   same "user: ..." texts (`chatqa.turn_query`), cut to the same token budget.
+   same "user: ..." texts (`chatqa_retriever.turn_query`), cut to the same token budget.
 B. RAG (test split, every turn, gold history): a tiny Llama after stage 1 only (instruction blend) and
    after stage 1 + stage 2 (context-enhanced: top-k chunks from the fine-tuned retriever + dialogue
    → answer, unanswerable → REFUSAL), both answering through the engine with the fine-tuned
@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from jaxllm.data.tasks import conv_qa
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.methods import chatqa, retrieval
+from jaxllm.methods import chatqa, chatqa_retriever, retrieval
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "SFT checkpoints and metrics go here.")
@@ -215,9 +215,9 @@ def main(argv):
     rc = cfg.retriever
     with timer("index (MiniLM)"):
         encoder = chatqa.load_encoder(cfg.encoder_path)
-        index_emb = chatqa.tower_encoder(encoder, {"context": encoder.params}, "context",
+        index_emb = chatqa_retriever.tower_encoder(encoder, {"context": encoder.params}, "context",
                                          rc.max_context_len).encode(texts)
-        untuned = chatqa.Retriever.build(encoder, texts, max_query_len=rc.max_query_len,
+        untuned = chatqa_retriever.Retriever.build(encoder, texts, max_query_len=rc.max_query_len,
                                          max_context_len=rc.max_context_len, context_emb_ND=index_emb)
     items = chatqa.follow_up_turns(data, "test")
     gold = np.asarray([d.turns[t].gold_chunk for d, t in items])
@@ -226,7 +226,7 @@ def main(argv):
     with timer("BM25 arms"):
         for name, kind, mode in ARMS:
             if kind == "bm25":
-                queries = [chatqa.turn_query(d, t, mode, encoder, rc.max_query_len) for d, t in items]
+                queries = [chatqa_retriever.turn_query(d, t, mode, encoder, rc.max_query_len) for d, t in items]
                 arms[name] = recall_table(bm25_ids(texts, queries, max(KS)), items, gold)
     with timer("untuned MiniLM arms"):
         for name, kind, mode in ARMS:
@@ -234,11 +234,11 @@ def main(argv):
                 _, ids = chatqa.retrieval_recall(untuned, items, mode, KS)
                 arms[name] = recall_table(ids, items, gold)
 
-    pairs = chatqa.retrieval_pairs(data.dialogues["train"], encoder, rc.max_query_len)
+    pairs = chatqa_retriever.retrieval_pairs(data.dialogues["train"], encoder, rc.max_query_len)
     with timer("retriever fine-tuning"):
-        fit = chatqa.fit_retriever(encoder, pairs, data.chunks, rc, context_emb_ND=index_emb)
+        fit = chatqa_retriever.fit_retriever(encoder, pairs, data.chunks, rc, context_emb_ND=index_emb)
     with timer("fine-tuned MiniLM arms"):  # a trained context tower re-embeds the chunks
-        tuned = chatqa.Retriever.build(encoder, texts, dual_params=fit.params, max_query_len=rc.max_query_len,
+        tuned = chatqa_retriever.Retriever.build(encoder, texts, dual_params=fit.params, max_query_len=rc.max_query_len,
                                        max_context_len=rc.max_context_len,
                                        context_emb_ND=None if rc.train_context_tower else index_emb)
         for name, kind, mode in ARMS:
@@ -264,7 +264,7 @@ def main(argv):
         with timer(f"RAG eval: {label}"):
             engine.set_params(fit_result.state.params)
             metrics, outputs = chatqa.evaluate_rag(cfg, engine, tokenizer, tuned, data, "test")
-        all_items = chatqa.dialogue_turns(data.dialogues["test"])
+        all_items = chatqa_retriever.dialogue_turns(data.dialogues["test"])
         samples = [{"question": d.turns[t].question, "reference": d.turns[t].answer, "answer": o.answer,
                     "chunk_ids": list(o.chunk_ids)} for (d, t), o in list(zip(all_items, outputs))[:12]]
         rag[label] = {"metrics": metrics, "samples": samples}
@@ -274,7 +274,7 @@ def main(argv):
         "config": config.to_dict(),
         "data": {"documents": len(documents), "chunks": len(texts),
                  "dialogues": {s: len(v) for s, v in data.dialogues.items()},
-                 "turns": {s: len(chatqa.dialogue_turns(v)) for s, v in data.dialogues.items()}},
+                 "turns": {s: len(chatqa_retriever.dialogue_turns(v)) for s, v in data.dialogues.items()}},
         "retrieval": {"n_queries": len(items), "n_chunks": len(texts), "arms": arms,
                       # How often the previous turn's answer came from the very gold chunk (history helps).
                       "gold_is_previous_gold": float(np.mean([d.turns[t - 1].gold_chunk == d.turns[t].gold_chunk

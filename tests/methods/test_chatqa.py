@@ -9,7 +9,7 @@ import pytest
 
 from jaxllm.data.tasks.conv_qa import Chunk, Dialogue, Turn
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.methods import chatqa, retrieval
+from jaxllm.methods import chatqa, chatqa_retriever, retrieval
 from jaxllm.methods.chatqa import REFUSAL, ChatExample
 from jaxllm.model import encoder as encoder_lib
 from jaxllm.model import llama, presets
@@ -81,7 +81,7 @@ DIALOGUE = Dialogue(doc_id=0, turns=(
 
 
 def test_context_examples_refusals_and_gold_context(tok):
-    items = chatqa.dialogue_turns([DIALOGUE])
+    items = chatqa_retriever.dialogue_turns([DIALOGUE])
     ranked = np.asarray([[1, 0, 3, 2], [1, 3, 0, 2], [3, 1, 0, 2]])
     examples = chatqa.context_examples(items, CHUNKS, ranked, top_k=2, gold_in_context=True, seed=0)
     assert [e.answer for e in examples] == [DIALOGUE.turns[0].answer, REFUSAL, DIALOGUE.turns[2].answer]
@@ -179,18 +179,18 @@ def tiny_encoder():
 TOY_CHUNKS = [Chunk(i, i // 2, text) for i, text in enumerate(CHUNKS + [
     "Epsilon parses the config file lazily.", "Zeta opens sockets for each client.",
     "Eta hashes passwords with a salt.", "Theta compresses the archive with zlib."])]
-TOY_PAIRS = [chatqa.RetrievalPair(f"user: and what does it do?\nuser: tell me about {c.text.split()[0].lower()}",
+TOY_PAIRS = [chatqa_retriever.RetrievalPair(f"user: and what does it do?\nuser: tell me about {c.text.split()[0].lower()}",
                                   c.chunk_id) for c in TOY_CHUNKS]
 
 
 @pytest.mark.parametrize("train_context_tower", [True, False])
 def test_retriever_finetuning_lowers_infonce(tiny_encoder, train_context_tower):
-    cfg = chatqa.RetrieverConfig(steps=12, batch_size=8, hard_negatives=1, temperature=0.1, max_query_len=24,
+    cfg = chatqa_retriever.RetrieverConfig(steps=12, batch_size=8, hard_negatives=1, temperature=0.1, max_query_len=24,
                                  max_context_len=24, train_context_tower=train_context_tower, log_every=4,
                                  optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0, weight_decay=0.0))
     batch = retrieval.make_batch(tiny_encoder, [p.query for p in TOY_PAIRS], [c.text for c in TOY_CHUNKS],
                                  [c.chunk_id for c in TOY_CHUNKS], max_query_len=24, max_context_len=24)
-    fit = chatqa.fit_retriever(tiny_encoder, TOY_PAIRS, TOY_CHUNKS, cfg, verbose=False)
+    fit = chatqa_retriever.fit_retriever(tiny_encoder, TOY_PAIRS, TOY_CHUNKS, cfg, verbose=False)
     loss_fn = retrieval.contrastive_loss_fn(fit.dual, temperature=0.1)
     start = retrieval.dual_from_encoder(tiny_encoder)[1]
     before = float(loss_fn(start, batch, None)[0])
@@ -235,7 +235,7 @@ def test_rag_pipeline_retrieves_gold_and_generates_greedily(tok, minilm):
                             max_len=256)
     params = llama.init_params(model_cfg, jax.random.key(1))
     texts = [c.text for c in TOY_CHUNKS]
-    retriever = chatqa.Retriever.build(minilm, texts, max_query_len=32, max_context_len=32)
+    retriever = chatqa_retriever.Retriever.build(minilm, texts, max_query_len=32, max_context_len=32)
     cfg = chatqa.RAGConfig(top_k=2, max_prompt_len=200, max_new_tokens=6, token_budget=512, max_seqs=4,
                            num_blocks=64)
     # Oracle (self-contained) questions about chunks 5 and 2, the second after a neutral first turn.
@@ -261,7 +261,7 @@ def test_config_round_trip_and_errors():
     cfg = chatqa.from_dict(d.to_dict())
     assert cfg.model == presets.get("tiny", vocab_size=4096)
     assert cfg.retriever.steps == 7 and cfg.stage2_data.top_k == 3 and cfg.stage1_examples == 11
-    assert cfg.retriever.optimizer == chatqa.RetrieverConfig().optimizer and cfg.rag == chatqa.RAGConfig()
+    assert cfg.retriever.optimizer == chatqa_retriever.RetrieverConfig().optimizer and cfg.rag == chatqa.RAGConfig()
     d.model.d_model = 96  # a typed placeholder accepts an override
     assert chatqa.from_dict(d.to_dict()).model.d_model == 96
     with pytest.raises(ValueError, match="retriever.stepz"):
