@@ -13,7 +13,7 @@ with server-sent events when the request sets `"stream": true`.
 
 `--source` is a jaxllm model directory, an HF Llama folder, or a `launch.train` workdir (then
 `--config.model.preset` and the overrides it was trained with name the model), as read by
-`launch.extend_context.load_model`. Text goes through the project tokenizer (`--tokenizer`, default
+`jaxllm.train.model_dir.load_model`. Text goes through the project tokenizer (`--tokenizer`, default
 the shipped one); generation stops at its EOS unless a request sets `ignore_eos`. Fields a request
 leaves out take `--config.sampling` values (greedy, 64 tokens by default), in both modes.
 
@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.serve import Engine, SamplingParams
 from jaxllm.train import config as train_config
+from jaxllm.train import model_dir
 from launch import common
 
 REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop_token_ids", "ignore_eos")
@@ -63,8 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def build_engine(source: str, config: ml_collections.ConfigDict) -> Engine:
     """Load the model at `source` and wrap it in an Engine with `config.engine`."""
-    from launch.extend_context import load_model
-    model_cfg, params = load_model(source, dict(config.model))
+    model_cfg, params = model_dir.load_model(source, dict(config.model))
     return Engine(model_cfg, params, **dict(config.engine))
 
 

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from ml_collections import config_dict as mlc
 
 from jaxllm.data.preference import collate_pairs, tokenize_pair
@@ -307,32 +306,12 @@ def init_params(model_cfg: llama.LlamaConfig, seed: int, mesh) -> Any:
 
 
 def load_params(directory: str | os.PathLike, model_cfg: llama.LlamaConfig, mesh) -> Any:
-    """The params of the newest checkpoint that `jaxllm.train.checkpoint.Checkpointer` wrote in
-    `directory` (e.g. a pre-training workdir's `checkpoints`), restored alone onto `mesh` (the optimizer
-    state is not read) and verified against the checkpoint's fingerprint."""
-    directory = pathlib.Path(directory).absolute()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    shardings = param_shardings(model_cfg, mesh)
-    abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shardings,
+    """The params of the newest checkpoint in `directory` (e.g. a pre-training workdir's
+    `checkpoints`), restored alone onto `mesh` and verified (`checkpoint.restore_params`)."""
+    abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            param_shardings(model_cfg, mesh),
                             jax.eval_shape(lambda: llama.init_params(model_cfg, jax.random.key(0))))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True,
-                                     restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract})),
-        meta=ocp.args.JsonRestore()))
-    manager.close()
-    params = restored.state["params"]
-    expected = restored.meta["fingerprint"]
-    actual = {".params" + name: value for name, value in checkpoint.fingerprint(params).items()}
-    bad = sorted(k for k in actual if expected.get(k) != actual[k])
-    if bad:
-        raise ValueError(f"params of checkpoint step {step} in {directory} do not match its fingerprint "
-                         f"(different model config, or corrupt): {bad[:5]}")
-    return params
+    return checkpoint.restore_params(directory, abstract)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -177,3 +177,32 @@ class Checkpointer:
             listing = "; ".join(f"step {s}: {_summary(e)}" for s, e in failures)
             raise ValueError(f"no readable checkpoint in {self.directory}: {listing}")
         return None
+
+
+def restore_params(directory: str | os.PathLike, abstract_params):
+    """The params alone of the newest checkpoint a `Checkpointer` wrote in `directory` (the optimizer
+    state is not read), restored onto the shapes, dtypes and shardings of `abstract_params`
+    (ShapeDtypeStructs; no sharding: the default device) and verified against the fingerprint."""
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    manager = ocp.CheckpointManager(directory)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        item = {"params": abstract_params}
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                         restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
+            meta=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    params = restored.state["params"]
+    expected = restored.meta["fingerprint"]
+    actual = {".params" + name: value for name, value in fingerprint(params).items()}
+    bad = sorted(k for k in actual if expected.get(k) != actual[k])
+    if bad:
+        raise ValueError(f"params of checkpoint step {step} in {directory} do not match its fingerprint "
+                         f"(different model config, or corrupt): {bad[:5]}")
+    return params

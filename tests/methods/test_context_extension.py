@@ -13,6 +13,7 @@ import pytest
 from jaxllm.data.tasks import long_context as lc
 from jaxllm.methods import context_extension as ce
 from jaxllm.model import llama, presets, rope
+from jaxllm.train import model_dir
 
 K = 32
 C = 64  # pretrained window of the spec-level tests
@@ -245,7 +246,7 @@ def extended(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ctx")
     cfg, params = tiny_model(rope=rope.default(16, 400.0))
-    launch.save_model(root / "base", cfg, params)
+    model_dir.save_model(root / "base", cfg, params)
     config = launch.get_config()
     config.method, config.target_len, config.abf_base = "eabf_all", 4 * C, 20_000.0
     config.sft.batch_size, config.sft.epochs, config.sft.learning_rate = 4, 1, 1e-3
@@ -255,8 +256,6 @@ def extended(tmp_path_factory):
 
 
 def test_recipe_runs_and_the_saved_model_restores_the_extended_one(extended):
-    from launch import extend_context as launch
-
     root, cfg, params, new_cfg, new_params, losses = extended
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert new_cfg.max_len == 4 * C
@@ -267,13 +266,13 @@ def test_recipe_runs_and_the_saved_model_restores_the_extended_one(extended):
     saved = json.loads((root / "out" / "config.json").read_text())
     assert saved["rope_parameters"]["rope_theta"] == 20_000.0
     assert saved["jaxllm_logit_scale"] == {"kind": "log_window", "value": 1.0, "window": C, "unscaled_layers": []}
-    loaded_cfg, loaded = launch.load_model(root / "out")
+    loaded_cfg, loaded = model_dir.load_model(root / "out")
     assert loaded_cfg.max_len == 4 * C
     for field in ("inv_freq", "logit_scale", "unscaled_layers", "dynamic"):
         assert getattr(loaded_cfg.rope, field) == getattr(new_cfg.rope, field)
     tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 4 * C))
     np.testing.assert_array_equal(forward(loaded_cfg, loaded, tokens), forward(new_cfg, new_params, tokens))
-    hf_cfg, hf_params = launch.load_model(root / "out" / "hf")  # the HF export keeps the jaxllm scale key
+    hf_cfg, hf_params = model_dir.load_model(root / "out" / "hf")  # the HF export keeps the jaxllm scale key
     np.testing.assert_allclose(forward(hf_cfg, hf_params, tokens), forward(new_cfg, new_params, tokens),
                                atol=1e-5)
 
@@ -307,7 +306,6 @@ def test_load_model_reads_the_params_of_a_fit_checkpoint(tmp_path):
     import optax
 
     from jaxllm.train import checkpoint, state
-    from launch import extend_context as launch
 
     cfg, params = tiny_model(rope=rope.default(16, 400.0))
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
@@ -315,10 +313,10 @@ def test_load_model_reads_the_params_of_a_fit_checkpoint(tmp_path):
     ckpt.wait()
     ckpt.close()
     model = {"preset": "tiny", "max_len": C, "n_layers": 3, "d_model": None, "rope_theta": 400.0}
-    loaded_cfg, loaded = launch.load_model(tmp_path, model)
+    loaded_cfg, loaded = model_dir.load_model(tmp_path, model)
     assert loaded_cfg.rope.inv_freq == cfg.rope.inv_freq and loaded_cfg.max_len == C
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     with pytest.raises(ValueError, match="needs config.model.preset"):
-        launch.load_model(tmp_path, {})
+        model_dir.load_model(tmp_path, {})
     with pytest.raises(FileNotFoundError, match="is neither a jaxllm model dir"):
-        launch.load_model(tmp_path / "missing")
+        model_dir.load_model(tmp_path / "missing")
