@@ -8,7 +8,8 @@ reference, synthetic systems with 10 % and 25 % sentence errors), best vs worst 
 """
 import dataclasses
 
-from jaxllm.methods.preference import PairDataConfig, config_dict
+from jaxllm.data.pairs import PairDataConfig
+from jaxllm.methods.preference import config_dict
 
 
 def get_config():
