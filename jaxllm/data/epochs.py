@@ -1,4 +1,5 @@
-"""The seeded epoch batcher: endless batches over N in-memory rows, a fresh permutation every epoch.
+"""Checkpointable batch iterators for the one loop: the seeded epoch batcher (endless batches over N
+in-memory rows, a fresh permutation every epoch) and `DrawnBatches` (freshly sampled batches).
 
 Used by every fine-tuning caller of the one loop (preference pairs, SFT rows, retriever pairs,
 context-extension samples). Epoch e visits the rows in `default_rng([seed, e]).permutation(N)`,
@@ -70,3 +71,41 @@ class EpochBatches(grain.DatasetIterator):
 
     def set_state(self, state: Mapping[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class DrawnBatches(grain.DatasetIterator):
+    """Endless batches `draw(rng)` from one `np.random.default_rng(seed)` (synthetic tasks whose every
+    batch is freshly sampled). The position is the generator's state (JSON), so a resumed run draws
+    exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, draw: Callable[[np.random.Generator], dict], seed: int):
+        super().__init__()
+        self.draw, self.rng = draw, np.random.default_rng(seed)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.draw(self.rng)
+
+    def get_state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: Mapping) -> None:
+        self.rng.bit_generator.state = dict(state)
+
+
+class IndexedBatches(grain.DatasetIterator):
+    """Batches `batch_at(0)`, `batch_at(1)`, ... of a random-access source (e.g. a Local-SGD
+    `ArrayShard`); the position is the next index."""
+
+    def __init__(self, batch_at: Callable[[int], dict]):
+        super().__init__()
+        self.batch_at, self.index = batch_at, 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.index += 1
+        return self.batch_at(self.index - 1)
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: Mapping) -> None:
+        self.index = int(state["index"])

@@ -13,6 +13,7 @@ to `shard_sizes`), each an `ArrayShard`.
 
 import dataclasses
 import functools
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 
 from jaxllm.data import corpus
+from jaxllm.data.epochs import IndexedBatches
 from jaxllm.data.sources import lm_batches
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.methods.local_sgd.config import LocalSGDConfig
@@ -27,8 +29,7 @@ from jaxllm.methods.local_sgd.task import ArrayShard, EvalLoss, ShardSchedule, W
 from jaxllm.model import llama, presets
 from jaxllm.train.lm import lm_loss_fn
 from jaxllm.train.optim import OptimizerConfig, decay_mask, make_optimizer
-from jaxllm.train.state import init_state
-from jaxllm.train.step import make_train_step
+from jaxllm.train.loop import LoopConfig, fit
 
 Rows = dict[str, np.ndarray]
 
@@ -153,21 +154,19 @@ def _inner_optimizer(inner: OptimizerConfig):
                              weight_decay=inner.weight_decay, clip_norm=inner.clip_norm)
 
 
-@functools.lru_cache(maxsize=8)
-def _pretrain_step(model: llama.LlamaConfig, pretrain: OptimizerConfig, steps: int):
-    tx, _ = make_optimizer(pretrain, steps)
-    return tx, make_train_step(_loss_fn(model), tx)
-
-
 def _pretrain(cfg: CorpusLMConfig, params, rows: Rows, seed: int):
-    tx, step = _pretrain_step(cfg.model, cfg.pretrain, cfg.pretrain_steps)
-    state = init_state(params, tx, jax.random.key(seed))
-    batches = ArrayShard(rows, cfg.batch_size, seed)
-    losses = []
-    for i in range(cfg.pretrain_steps):
-        state, metrics = step(state, batches(i))
-        losses.append(metrics["loss"])
-    return state.params, float(np.mean(jax.device_get(losses[-10:])))
+    """(params, mean loss of the last 10 steps) after the shared pretraining phase: the LM loss on
+    `rows` through the one loop on one device. A short in-memory phase, so its checkpoints go to a
+    temporary directory."""
+    tx, schedule = make_optimizer(cfg.pretrain, cfg.pretrain_steps)
+    loop_config = LoopConfig(steps=cfg.pretrain_steps, seed=seed, mesh="fsdp:1", log_every=cfg.pretrain_steps,
+                             checkpoint_every=cfg.pretrain_steps, keep_checkpoints=1, learning_rate=schedule,
+                             verbose=False)
+    with tempfile.TemporaryDirectory() as workdir:
+        result = fit(_loss_fn(cfg.model), tx, IndexedBatches(ArrayShard(rows, cfg.batch_size, seed)), params, workdir,
+                     loop_config, devices=jax.devices()[:1])
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    return jax.device_get(result.state.params), float(np.mean(losses[-10:]))
 
 
 def build(cfg: CorpusLMConfig, splits: CorpusSplits, lsgd: LocalSGDConfig, seed: int) -> CorpusLM:
