@@ -22,7 +22,6 @@ import functools
 import hashlib
 import os
 import pathlib
-import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,15 +29,14 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from ml_collections import config_dict as mlc
 
+from jaxllm import configs
 from jaxllm.data.pairs import PAIR_KEYS, check_pairs
 from jaxllm.model import llama
 from jaxllm.objectives.preference import PreferenceConfig, make_preference_loss, make_reference_logps
 from jaxllm.objectives.sft import SFT_KEYS, make_sft_loss
 from jaxllm.parallel import rules
 from jaxllm.train import checkpoint, optim
-from jaxllm.train.config import MODEL_OVERRIDES, model_from_dict
 from jaxllm.train.finetune import finetune
 from jaxllm.train.loop import FitResult, LoopConfig
 
@@ -197,52 +195,26 @@ def fit_preference(cfg: PreferenceTrainConfig, data: Mapping[str, np.ndarray], w
 
 # ----------------------------------------------------------------------------- config files
 
-def _objective_fields() -> dict:
-    hints = typing.get_type_hints(PreferenceConfig)
-    defaults = dataclasses.asdict(PreferenceConfig())
-    return {name: mlc.placeholder(float) if name == "nll_weight" else defaults[name] for name in hints}
-
-
 def config_dict(*, model: Mapping[str, Any], objective: Mapping[str, Any] | None = None,
-                optimizer: Mapping[str, Any] | None = None, **fields) -> ml_collections.ConfigDict:
-    """A complete ConfigDict for `PreferenceTrainConfig.from_dict`: every field present with its default
-    (model overrides as typed placeholders; `objective.nll_weight` None = the kind's default;
-    `objective.kind` "sft" = no preference term), so absl `--config.x.y=...` overrides work and misspelt
-    fields fail. Extra top-level sections (e.g. `data`, `init_checkpoint`) pass through `fields`."""
-    model = dict(model)
-    if "preset" not in model:
-        raise ValueError("model needs a 'preset'")
-    unknown = set(model) - set(MODEL_OVERRIDES) - {"preset"}
-    if unknown:
-        raise ValueError(f"unknown model fields {sorted(unknown)}; known: {sorted(MODEL_OVERRIDES)}")
-    hints = typing.get_type_hints(llama.LlamaConfig)
-    model_fields = {name: model[name] if name in model else mlc.placeholder(hints[name]) for name in MODEL_OVERRIDES}
-    objective_fields = {**_objective_fields(), **dict(objective or {})}
-    optimizer_fields = {**dataclasses.asdict(PreferenceTrainConfig.optimizer), **dict(optimizer or {})}
-    top = {f.name: f.default for f in dataclasses.fields(PreferenceTrainConfig)
-           if f.name not in ("model", "objective", "optimizer")}
-    return ml_collections.ConfigDict({"model": {"preset": model["preset"], **model_fields},
-                                      "objective": objective_fields, "optimizer": optimizer_fields,
-                                      **top, **fields})
+                optimizer: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                **fields) -> ml_collections.ConfigDict:
+    """A complete ConfigDict for `from_dict` (`jaxllm.configs.config_dict` of `PreferenceTrainConfig`):
+    `objective.nll_weight` None = the kind's default; `objective.kind` "sft" = no preference term.
+    `extra` sections (e.g. `data`, `init_checkpoint`) belong to the caller."""
+    return configs.config_dict(PreferenceTrainConfig, model=model, objective=objective or {}, optimizer=optimizer,
+                               extra=extra, **fields)
 
 
 def from_dict(d: Mapping[str, Any]) -> PreferenceTrainConfig:
-    """`PreferenceTrainConfig` from a nested mapping shaped like `config_dict()` (sections other than
-    model/objective/optimizer and the config's own fields are ignored: they belong to the caller)."""
-    d = dict(d)
-    model = model_from_dict(d.get("model") or {})
+    """`PreferenceTrainConfig` from a nested mapping shaped like `config_dict()` (sections that are not
+    fields of the config belong to the caller and are ignored)."""
+    fields = {f.name for f in dataclasses.fields(PreferenceTrainConfig)}
+    d = {k: v for k, v in d.items() if k in fields}
     objective = dict(d.get("objective") or {})
     kind = objective.get("kind", "cpo")
     if kind not in OBJECTIVE_KINDS:
         raise ValueError(f"unknown objective kind {kind!r}; known: {list(OBJECTIVE_KINDS)}")
-    optimizer = dict(d.get("optimizer") or {})
-    for section, values, cls in (("objective", objective, PreferenceConfig), ("optimizer", optimizer, optim.OptimizerConfig)):
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(values) - known:
-            raise ValueError(f"unknown {section} fields {sorted(set(values) - known)}; known: {sorted(known)}")
-    fields = {f.name for f in dataclasses.fields(PreferenceTrainConfig)} - {"model", "objective", "optimizer"}
-    return PreferenceTrainConfig(
-        model=model,
-        objective=None if kind == "sft" else PreferenceConfig(**objective),
-        optimizer=optim.OptimizerConfig(**optimizer),
-        **{k: v for k, v in d.items() if k in fields})
+    if kind == "sft":
+        configs.from_mapping(PreferenceConfig, {**objective, "kind": "cpo"}, "objective.")  # misspelt fields fail
+        d["objective"] = None
+    return configs.from_mapping(PreferenceTrainConfig, d)

@@ -266,5 +266,5 @@ def test_config_round_trip_and_errors():
     assert chatqa.from_dict(d.to_dict()).model.d_model == 96
     with pytest.raises(ValueError, match="retriever.stepz"):
         chatqa.config_dict(model={"preset": "tiny"}, retriever={"stepz": 1})
-    with pytest.raises(ValueError, match="unknown config sections"):
+    with pytest.raises(ValueError, match=r"unknown config fields \['retreiver'\]"):
         chatqa.config_dict(model={"preset": "tiny"}, retreiver={})

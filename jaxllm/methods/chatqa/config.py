@@ -3,7 +3,6 @@ experiments/chatqa/)."""
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,10 +12,9 @@ from jaxllm.data.tasks.conv_qa import ConvQAConfig
 from jaxllm.methods.chatqa.prompts import ANSWER_INSTRUCTION, SYSTEM_PROMPT
 from jaxllm.methods.chatqa.rag import RAGConfig
 from jaxllm.methods.chatqa_retriever import RetrieverConfig
-from jaxllm.model import llama, presets
+from jaxllm import configs
+from jaxllm.model import llama
 from jaxllm.train import optim
-from jaxllm.train.config import model_from_dict
-from jaxllm.train.config import config_dict as train_config_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,52 +91,14 @@ class ChatQAConfig:
     instruction: str = ANSWER_INSTRUCTION
 
 
-_SECTIONS = {"corpus": CorpusConfig, "data": ConvQAConfig, "retriever": RetrieverConfig, "stage1": SFTConfig,
-             "stage2_data": Stage2Config, "stage2": SFTConfig, "rag": RAGConfig}
-
-
-def _as_dict(obj) -> dict:
-    """A dataclass as a nested dict (tuples → lists, nested dataclasses → dicts)."""
-    return {f.name: _as_dict(v) if dataclasses.is_dataclass(v) else v
-            for f in dataclasses.fields(obj) for v in [getattr(obj, f.name)]}
-
-
-def _from_mapping(cls, d: Mapping[str, Any], where: str):
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown config fields {sorted(where + k for k in unknown)}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in d.items():
-        nested = hints[name]
-        kwargs[name] = (_from_mapping(nested, value, f"{where}{name}.")
-                        if dataclasses.is_dataclass(nested) and isinstance(value, Mapping) else value)
-    return cls(**kwargs)
-
-
 def config_dict(*, model: Mapping[str, Any], **sections: Mapping[str, Any] | Any) -> ml_collections.ConfigDict:
-    """A complete ConfigDict for `from_dict`: every field of every section present (defaults unless
-    given), model overrides as typed placeholders (None = the preset's value), so absl
-    `--config.section.field=...` overrides work and misspelt ones fail."""
-    base = _as_dict(ChatQAConfig(model=presets.get("tiny")))
-    del base["model"]
-    unknown = set(sections) - set(base)
-    if unknown:
-        raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(base)}")
-    for name, value in sections.items():
-        if name in _SECTIONS:
-            base[name] = _as_dict(_from_mapping(_SECTIONS[name], {**base[name], **value}, f"{name}."))
-        else:
-            base[name] = value
-    return ml_collections.ConfigDict({"model": train_config_dict(model=model).model, **base})
+    """A complete ConfigDict for `from_dict` (`jaxllm.configs.config_dict` of `ChatQAConfig`): every
+    field of every section present (defaults unless given), model overrides as typed placeholders,
+    so absl `--config.section.field=...` overrides work and misspelt ones fail."""
+    return configs.config_dict(ChatQAConfig, model=model, **sections)
 
 
 def from_dict(d: Mapping[str, Any]) -> ChatQAConfig:
     """`ChatQAConfig` from a nested mapping shaped like `config_dict()` (model: a preset of
     `jaxllm.model.presets` plus non-None overrides)."""
-    d = dict(d)
-    model_cfg = model_from_dict(d.pop("model", None) or {})
-    return dataclasses.replace(_from_mapping(ChatQAConfig, {"model": model_cfg, **d}, ""), model=model_cfg)
-
-
+    return configs.from_mapping(ChatQAConfig, d)

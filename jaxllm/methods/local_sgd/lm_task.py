@@ -20,13 +20,14 @@ import jax
 import numpy as np
 import optax
 
+from jaxllm import configs
 from jaxllm.data import corpus
 from jaxllm.data.epochs import IndexedBatches
 from jaxllm.data.sources import lm_batches
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.methods.local_sgd.config import LocalSGDConfig
 from jaxllm.methods.local_sgd.task import ArrayShard, EvalLoss, ShardSchedule, WorkerTask
-from jaxllm.model import llama, presets
+from jaxllm.model import llama
 from jaxllm.train.lm import lm_loss_fn
 from jaxllm.train.optim import OptimizerConfig, decay_mask, make_optimizer
 from jaxllm.train.loop import LoopConfig, fit
@@ -72,18 +73,9 @@ class CorpusLMConfig:
     def from_dict(cls, model: Mapping[str, Any], lm: Mapping[str, Any]) -> "CorpusLMConfig":
         """From config mappings: `model` = {"preset": name, field: override or None}, `lm` = this
         class's fields with `pretrain` / `inner` as OptimizerConfig mappings. Unknown fields raise."""
-        model, lm = dict(model), dict(lm)
-        preset = model.pop("preset", None)
-        if not preset:
-            raise ValueError(f"model.preset must name a preset of jaxllm.model.presets, got {preset!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"model"}
-        if set(lm) - known:
-            raise ValueError(f"unknown lm fields {sorted(set(lm) - known)}; known: {sorted(known)}")
-        for name in ("pretrain", "inner"):
-            if name in lm:
-                lm[name] = OptimizerConfig(**lm[name])
-        overrides = {k: v for k, v in model.items() if v is not None}
-        return cls(model=presets.get(preset, **overrides), **lm)
+        if "model" in lm:
+            raise ValueError("the lm section cannot hold a model; pass it as `model`")
+        return configs.from_mapping(cls, {"model": model, **lm})
 
 
 @dataclasses.dataclass(frozen=True)
