@@ -158,7 +158,7 @@ def _pretrain(cfg: CorpusLMConfig, params, rows: Rows, seed: int):
         result = fit(_loss_fn(cfg.model), tx, IndexedBatches(ArrayShard(rows, cfg.batch_size, seed)), params, workdir,
                      loop_config, devices=jax.devices()[:1])
     losses = [result.losses[s] for s in sorted(result.losses)]
-    return jax.device_get(result.state.params), float(np.mean(losses[-10:]))
+    return jax.device_get(result.state.params), float(np.mean(np.asarray(losses[-10:], np.float32)))
 
 
 def build(cfg: CorpusLMConfig, splits: CorpusSplits, lsgd: LocalSGDConfig, seed: int) -> CorpusLM:
