@@ -11,30 +11,16 @@ import optax
 import pytest
 
 from jaxllm.data.epochs import EpochBatches
-from jaxllm.data.preference import collate_pairs
 from jaxllm.methods.local_sgd.outer import DelayedNesterovState, delayed_nesterov
 from jaxllm.model import llama, presets, rope
 from jaxllm.objectives.preference import PreferenceConfig, make_preference_loss
 from jaxllm.train.loop import LoopConfig, fit
+from tests.methods.test_preference_trainer import toy_pairs
 
 STEPS = 4
 BASE = presets.get("tiny", vocab_size=128, max_len=32)
 MODEL = presets.get("tiny", vocab_size=128, max_len=32,
                     rope=rope.entropy_aware_abf(BASE.rope, base=20_000.0, pretrained_window=8, unscaled_layers=(0,)))
-
-
-def toy_pairs(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        prompt = [1] + rng.integers(5, 40, size=int(rng.integers(3, 9))).tolist()
-        sides = {}
-        for side, low in (("chosen", 40), ("rejected", 70)):
-            response = rng.integers(low, low + 30, size=int(rng.integers(1, 10))).tolist() + [2]
-            sides[f"{side}_tokens"] = np.asarray(prompt + response, np.int32)
-            sides[f"{side}_mask"] = np.asarray([0] * len(prompt) + [1] * len(response), np.int32)
-        rows.append(sides)
-    return collate_pairs(rows, pad_id=0, length=24)
 
 
 def run(workdir, until_step=None):
