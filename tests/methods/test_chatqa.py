@@ -80,6 +80,25 @@ DIALOGUE = Dialogue(doc_id=0, turns=(
     _turn("How does gamma sort?", "Gamma sorts the records by key.", 2)))
 
 
+def test_fit_sft_first_loss_is_the_answer_token_nll(tok, tmp_path):
+    """One SFT stage through the one loop: step 1's loss is the float64 token-mean NLL of the answer
+    tokens (and </s>) of the whole batch under the starting params, prompts unscored."""
+    cfg = presets.get("tiny", vocab_size=tok.vocab_size, max_len=256)
+    examples = [dataclasses.replace(EXAMPLE, answer=a) for a in ("Old items drop.", "Bounded deques drop old items.",
+                                                                 "It drops items.", "maxlen bounds the deque.")]
+    rows = chatqa.encode_examples(tok, examples, 256)
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(1)))
+    stage = chatqa.SFTConfig(steps=1, batch_size=4, max_len=256, log_every=1)
+    result = chatqa.fit_sft(cfg, rows, stage, tmp_path, params=params, devices=jax.devices()[:1], verbose=False)
+    logits = np.asarray(llama.forward(cfg, params, rows["tokens"]), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, rows["tokens"][:, 1:, None], axis=-1)[..., 0]
+    mask = rows["loss_mask"][:, 1:]
+    assert result.history[0]["loss"] == pytest.approx(-(picked * mask).sum() / mask.sum(), rel=1e-5)
+    assert int(result.state.step) == 1 and not result.preempted
+
+
 def test_context_examples_refusals_and_gold_context(tok):
     items = chatqa_retriever.dialogue_turns([DIALOGUE])
     ranked = np.asarray([[1, 0, 3, 2], [1, 3, 0, 2], [3, 1, 0, 2]])
