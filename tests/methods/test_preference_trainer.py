@@ -148,9 +148,27 @@ def test_dpo_reference_is_precomputed_once_and_reused_on_resume(start_params, tm
         mp.fit_preference(cfg, other, tmp_path, devices=ONE_DEVICE, verbose=False)
 
 
+def assert_same_trajectory(params, reference, start, rel=1e-3):
+    """`params` and `reference` are the same training run up to float32 reduction order.
+
+    Sharded and single-device steps sum gradients in different orders (and CPUs with and without
+    AVX-512 vectorise differently), so gradients agree to ~1e-6 relative. Adam divides each moment
+    by its own scale: an element whose gradient is at the rounding level gets an O(1)·lr step whose
+    sign rounding decides, so an element-wise tolerance cannot hold on every CPU. What does hold is
+    that such elements are rare: per parameter array, the difference is tiny against the distance
+    the run travelled, ||params - reference|| <= rel * ||reference - start||.
+    """
+    for (path, a), b, s in zip(jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0],
+                               jax.tree.leaves(jax.device_get(reference)), jax.tree.leaves(jax.device_get(start))):
+        a, b, s = (np.asarray(x, np.float64) for x in (a, b, s))
+        travelled = np.linalg.norm(b - s)
+        assert travelled > 0, f"{jax.tree_util.keystr(path)} did not move"
+        assert np.linalg.norm(a - b) <= rel * travelled, (jax.tree_util.keystr(path), np.linalg.norm(a - b), travelled)
+
+
 def test_sharded_run_resumed_on_one_device_matches_one_device_run(start_params, tmp_path):
     """Steps 1-2 on 8 devices (data:2, fsdp:4), checkpoint, steps 3-4 resumed on one device == 4 steps on
-    one device (up to float reduction order)."""
+    one device (up to float reduction order: losses to 1e-4, parameters as `assert_same_trajectory`)."""
     pairs, cfg = toy_pairs(), train_config(steps=4)
     straight = mp.fit_preference(cfg, pairs, tmp_path / "one", params=start_params, devices=ONE_DEVICE, verbose=False)
     sharded = mp.fit_preference(train_config(steps=4, mesh="data:2,fsdp:4"), pairs, tmp_path / "resumed",
@@ -160,10 +178,7 @@ def test_sharded_run_resumed_on_one_device_matches_one_device_run(start_params, 
     resumed = mp.fit_preference(cfg, pairs, tmp_path / "resumed", devices=ONE_DEVICE, verbose=False)
     np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in straight.history[2:]],
                                rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state.params)), jax.tree.leaves(jax.device_get(straight.state.params))):
-        # Adam divides by sqrt(v): on near-zero gradients a reduction-order difference of 1e-7 moves a weight
-        # by up to ~1e-4 after 4 steps; the losses above are compared at 1e-4 relative.
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert_same_trajectory(resumed.state.params, straight.state.params, start_params)
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all("accuracy" in r for r in records)
 
