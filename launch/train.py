@@ -11,7 +11,7 @@ a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.
 import signal
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.train import config as config_lib
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

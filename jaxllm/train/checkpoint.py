@@ -22,6 +22,8 @@ why it failed. Nothing is ever restored unverified.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -100,6 +102,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: int | None = None  # step of the asynchronous write that may still be running
 
     @property
     def latest_step(self) -> int | None:
@@ -115,13 +118,36 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         meta = {"step": step, "fingerprint": fingerprint(state)}
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_PositionSnapshot(iterator)),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        with self._write_errors(step):  # orbax first waits for the previous write, raising its error
+            started = self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_PositionSnapshot(iterator)),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        self._writing = step
+        return started
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous writes are committed (re-raises their errors)."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous writes are committed; OSError if one failed."""
+        with self._write_errors(None):
+            self._manager.wait_until_finished()
+        self._writing = None
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """Turns a failed write (a full disk, a lost mount: orbax and tensorstore raise ValueError
+        and others, with pages of spec) into one OSError naming the step, the directory, the cause
+        and the newest complete checkpoint, which the failure left intact (writes are atomic)."""
+        try:
+            yield
+        except Exception as err:
+            failed = self._writing if self._writing is not None else step
+            self._writing = None
+            text = str(err)
+            code = errno.ENOSPC if "No space left on device" in text or "os_error_code='28'" in text else None
+            cause = "No space left on device" if code == errno.ENOSPC else _summary(err)
+            self._manager.reload()
+            message = (f"checkpoint of step {failed} in {self.directory} could not be written: {cause}; "
+                       f"the newest complete checkpoint, step {self._manager.latest_step()}, is intact")
+            raise (OSError(code, message) if code else OSError(message)) from err
 
     def close(self) -> None:
         self._manager.close()

@@ -162,7 +162,8 @@ def test_failed_save_keeps_last_good(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="checkpoint of step 4 in .*: No space left on device; "
+                                      "the newest complete checkpoint, step 2, is intact"):
         ckpt.save(make_state(4, seed=4), data_iterator(40))
         ckpt.wait()
     ckpt.close()
@@ -171,6 +172,40 @@ def test_failed_save_keeps_last_good(tmp_path, monkeypatch):
     state, following = restored_latest(tmp_path)
     assert_same(state, make_state(2, seed=2))
     assert following == element(20)
+
+
+def test_full_tmpfs_is_one_oserror_naming_the_step_and_keeps_last_good(tmp_path):
+    """A real full disk: tensorstore reports ENOSPC as ValueError('RESOURCE_EXHAUSTED: ...') with a
+    page of spec; the caller must get one ENOSPC OSError naming the step and the intact checkpoint."""
+    import errno
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.decode().strip()}")
+
+    def big_state(step):  # 1 MiB of random params (Adam's zero moments compress away): one fits in 1.5 MiB, not two
+        params = {"w": jax.random.normal(jax.random.key(step), (256, 1024))}
+        return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                          opt_state=optax.adam(1e-3).init(params), rng=jax.random.key_data(jax.random.key(step)))
+
+    try:
+        ckpt = checkpoint.Checkpointer(disk, keep=1)
+        ckpt.save(big_state(1), data_iterator(10))
+        ckpt.wait()
+        with pytest.raises(OSError, match=r"checkpoint of step 2 in .*: No space left on device; "
+                                          r"the newest complete checkpoint, step 1, is intact") as failure:
+            ckpt.save(big_state(2), data_iterator(20))
+            ckpt.wait()
+        assert failure.value.errno == errno.ENOSPC
+        ckpt.close()
+        iterator = data_iterator()
+        restored = checkpoint.Checkpointer(disk).restore_latest(checkpoint.abstract_like(big_state(0)), iterator)
+        assert_same(restored, big_state(1))
+        assert next(iterator) == element(10)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_restore_onto_another_mesh(tmp_path):
