@@ -11,7 +11,10 @@ Each checkpoint is one orbax step directory holding three items:
 
 Writes are atomic (orbax writes a temporary directory and renames it when complete; half-written
 temporary directories are ignored and cleaned up), and keep-N deletes old checkpoints only after a
-newer one has been committed, so a failed save never removes the last good one.
+newer one has been committed, so a failed save never removes the last good one. A failed write
+(a full disk: tensorstore's RESOURCE_EXHAUSTED ValueError, raised by orbax at the next save or
+wait) surfaces as one OSError (errno ENOSPC for a full disk) naming the step and the intact newest
+checkpoint.
 
 Restores are verified: orbax does not checksum array data, and a flipped byte in a compressed
 chunk restores silently as different numbers. The fingerprint (two wrapping uint32 sums over each
@@ -139,12 +142,13 @@ class Checkpointer:
         try:
             yield
         except Exception as err:
-            failed = self._writing if self._writing is not None else step
+            self._manager.reload()
+            unfinished = self._writing is not None and self._writing not in self._manager.all_steps()
+            failed = self._writing if unfinished else step
             self._writing = None
             text = str(err)
             code = errno.ENOSPC if "No space left on device" in text or "os_error_code='28'" in text else None
             cause = "No space left on device" if code == errno.ENOSPC else _summary(err)
-            self._manager.reload()
             message = (f"checkpoint of step {failed} in {self.directory} could not be written: {cause}; "
                        f"the newest complete checkpoint, step {self._manager.latest_step()}, is intact")
             raise (OSError(code, message) if code else OSError(message)) from err
