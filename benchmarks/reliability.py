@@ -198,7 +198,8 @@ def campaign(root: pathlib.Path, plan: list[str], *, corruptions: int = 0, seed:
     run_s = time.time() - t0  # random kills land within one uninterrupted launch's wall time
     log(f"reference run: {run_s:.0f} s")
     stats = {"launches": 0, "sigkill": 0, "sigkill_in_write": 0, "sigterm_143": 0, "corruptions": 0,
-             "fallbacks": [], "missed_interruptions": 0, "runs_compared": 0}
+             "fallbacks": [], "missed_interruptions": 0, "sigterm_after_finish": 0,
+             "runs_compared": 0}
     queue, retries = list(plan), len(plan)
     workdir = root / "interrupted_0"
     pending_corruptions = corruptions
@@ -246,7 +247,10 @@ def campaign(root: pathlib.Path, plan: list[str], *, corruptions: int = 0, seed:
             if "SIGTERM: checkpoint at step" not in out:
                 raise AssertionError(f"exit 143 without the SIGTERM checkpoint line: {out[-1000:]}")
             stats["sigterm_143"] += 1
-        elif rc == 0:
+        elif rc == 0 or rc == -signal.SIGTERM and action == "sigterm" and steps in committed_steps(workdir):
+            # (-SIGTERM: the signal came after `fit` had returned with everything saved, while the
+            # process was exiting; the run is complete and a restart has nothing to do)
+            stats["sigterm_after_finish"] += rc == -signal.SIGTERM
             if sorted(losses(workdir)) != list(range(1, steps + 1)):
                 raise AssertionError(f"exit 0 before the last step: {sorted(losses(workdir))}")
             assert_same_run(reference, workdir, steps)

@@ -315,7 +315,7 @@ def fit(loss_fn: LossFn, optimizer: optax.GradientTransformation, batches: Batch
                     print(f"SIGTERM: checkpoint at step {step} saved in {ckpt.directory}; stopping", flush=True)
                     preempted = step < last
                     break
-        ckpt.wait()
+            ckpt.wait()  # under the handler: a SIGTERM now must not kill the last checkpoint's write
     finally:
         writer.close()
         ckpt.close()

@@ -125,6 +125,26 @@ def test_sigterm_saves_then_resume_finishes_identically(straight, tmp_path, monk
     assert_bit_identical(resumed.state, result.state)
 
 
+def test_sigterm_during_the_final_checkpoint_write_does_not_kill_it(straight, tmp_path, monkeypatch):
+    """Regression (crash-resume campaign): the last write was awaited after the SIGTERM handler was
+    restored, so a preemption notice then killed the process with the final checkpoint half-written."""
+    result, _ = straight
+    handler_before = signal.getsignal(signal.SIGTERM)
+    real_wait, handlers = checkpoint.Checkpointer.wait, []
+
+    def wait_with_a_sigterm(self):
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        if handlers[-1] is not handler_before:  # the old code would let this signal kill the test run
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_wait(self)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "wait", wait_with_a_sigterm)
+    finished = pretrain.pretrain(tiny_config(), tmp_path, devices=ONE_DEVICE)
+    assert handlers and handlers[-1] is not handler_before, "the final write is awaited under the loop's handler"
+    assert not finished.preempted and checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == [3, 6]
+    assert_bit_identical(finished.state, result.state)
+
+
 class PoisonAt(SignalAt):
     """Batch `at` has a NaN loss mask, so that step's loss is NaN."""
 
