@@ -196,7 +196,8 @@ def campaign(root: pathlib.Path, plan: list[str], *, corruptions: int = 0, seed:
     if proc.returncode != 0:
         raise AssertionError(f"reference run failed ({proc.returncode}): {output(proc)[1][-2000:]}")
     run_s = time.time() - t0  # random kills land within one uninterrupted launch's wall time
-    log(f"reference run: {run_s:.0f} s")
+    train_s = sum(json.loads(line)["step_time_s"] or 0 for line in (reference / "metrics.jsonl").open())
+    log(f"reference run: {run_s:.0f} s, of which {train_s:.1f} s in training steps")  # SIGTERMs land within those
     stats = {"launches": 0, "sigkill": 0, "sigkill_in_write": 0, "sigterm_143": 0, "corruptions": 0,
              "fallbacks": [], "missed_interruptions": 0, "sigterm_after_finish": 0,
              "runs_compared": 0}
@@ -207,7 +208,7 @@ def campaign(root: pathlib.Path, plan: list[str], *, corruptions: int = 0, seed:
     while True:
         action = queue.pop(0) if queue else "finish"
         corrupted = None
-        if pending_corruptions and (action == "finish" or rng.random() < 0.6):
+        if pending_corruptions and not unwarned and (action == "finish" or rng.random() < 0.6):
             corrupted = corrupt_newest(workdir, rng)
             if corrupted:
                 pending_corruptions -= 1
@@ -227,7 +228,7 @@ def campaign(root: pathlib.Path, plan: list[str], *, corruptions: int = 0, seed:
                     stats["sigkill_in_write"] += 1
         elif action == "sigterm":
             if wait_for_training(proc, timeout=600):
-                time.sleep(rng.uniform(0, run_s / 4))
+                time.sleep(rng.uniform(0, train_s))
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=900)
