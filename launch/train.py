@@ -5,7 +5,9 @@ r"""Pre-train a Llama-family model from an ml_collections config file.
 
 Every config field can be overridden with a dotted flag; a misspelt field is an error (the
 config is locked). Running it again with the same workdir resumes from the newest good
-checkpoint. On SIGTERM the run saves a checkpoint and exits with status 143 (128 + SIGTERM), so
+checkpoint. The workdir records the model (`config.json` and the tokenizer), so
+`jaxllm.model.load_model(WORKDIR)` (and `--source=WORKDIR` of every launcher) reads the newest
+checkpoint back without the config file. On SIGTERM the run saves a checkpoint and exits with status 143 (128 + SIGTERM), so
 a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.train`.
 """
 import signal
@@ -14,6 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxllm.model import record_model
 from jaxllm.train import config as config_lib
 from jaxllm.train import loop
 from launch import common
@@ -25,7 +28,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     common.start(argv, multihost=True)
-    result = loop.fit(config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
+    cfg = config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict())
+    record_model(_WORKDIR.value, cfg.model, loop.load_tokenizer(cfg.data))
+    result = loop.fit(cfg, _WORKDIR.value)
     if result.preempted:
         sys.exit(128 + signal.SIGTERM)
 
