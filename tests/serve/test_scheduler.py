@@ -317,8 +317,8 @@ def test_prefix_cache_reuses_blocks_and_reset_clears_it():
     assert [sched.blocks.ref_counts[x] for x in table_a[:3]] == [2, 2, 2]
     while sched.has_unfinished():
         step()
-    assert (seq_a.output, seq_a.logprobs) == pytest.approx(reference(*a, 0, 0)[:2])
-    assert (seq_b.output, seq_b.logprobs) == pytest.approx(reference(*b, 1, 0)[:2])
+    for seq, (output, logprobs) in ((seq_a, reference(*a, 0, 0)[:2]), (seq_b, reference(*b, 1, 0)[:2])):
+        assert seq.output == output and seq.logprobs == pytest.approx(logprobs)
     assert sched.blocks.num_free_blocks == 16 and sched.blocks.num_cached_blocks >= 3
 
     sched.reset_prefix_cache()
