@@ -8,7 +8,7 @@ config is locked). Running it again with the same workdir resumes from the newes
 checkpoint. The workdir records the model (`config.json` and the tokenizer), so
 `jaxllm.model.load_model(WORKDIR)` (and `--source=WORKDIR` of every launcher) reads the newest
 checkpoint back without the config file. On SIGTERM the run saves a checkpoint and exits with status 143 (128 + SIGTERM), so
-a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.train`.
+a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.train` (`pretrain`, a caller of the one loop `fit`).
 """
 import signal
 import sys
@@ -16,9 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm.model import record_model
 from jaxllm.train import config as config_lib
-from jaxllm.train import loop
+from jaxllm.train import pretrain
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
@@ -28,9 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     common.start(argv, multihost=True)
-    cfg = config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict())
-    record_model(_WORKDIR.value, cfg.model, loop.load_tokenizer(cfg.data))
-    result = loop.fit(cfg, _WORKDIR.value)
+    result = pretrain.pretrain(config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
     if result.preempted:
         sys.exit(128 + signal.SIGTERM)
 

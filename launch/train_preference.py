@@ -5,14 +5,14 @@ ml_collections config file.
       [--config.objective.kind=dpo --config.steps=500 --config.init_checkpoint=/tmp/jaxllm_pretrain/checkpoints ...]
 
 The config holds `PreferenceTrainConfig` fields (built with `jaxllm.methods.preference.config_dict`),
-a `data` section (`PairDataConfig`) and `init_checkpoint`: any model source of
+a `data` section (`jaxllm.data.pairs.PairDataConfig`) and `init_checkpoint`: any model source of
 `jaxllm.model.load_model` (a `launch.train` workdir or its `checkpoints/`, a model directory, an HF
 folder) whose params start the policy and whose config replaces `config.model` ("" = random init of
 `config.model`); the starting params are also DPO's frozen reference. The workdir records the model
 (`jaxllm.model.record_model`), so `load_model(WORKDIR)` reads the tuned policy back. Running it
 again with the same workdir resumes from the newest good checkpoint. On SIGTERM the run saves a
 checkpoint and exits with status 143 (128 + SIGTERM). All logic lives in
-`jaxllm.methods.preference`.
+`jaxllm.methods.preference` (a caller of the one loop, `jaxllm.train.fit`).
 """
 import dataclasses
 import signal
@@ -21,6 +21,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxllm.data import pairs as pair_data
 from jaxllm.methods import preference
 from jaxllm.model import load_model, record_model
 from launch import common
@@ -38,13 +39,14 @@ def main(argv):
     if config["init_checkpoint"]:
         model_cfg, params = load_model(config["init_checkpoint"])
         cfg = dataclasses.replace(cfg, model=model_cfg)
-    pairs, vocab_size = preference.load_pairs(preference.PairDataConfig(**config["data"]))
+    pairs, vocab_size = pair_data.load_pairs(pair_data.PairDataConfig(**config["data"]))
     if vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer vocab_size {vocab_size} is larger than the model's vocab_size {cfg.model.vocab_size}")
     record_model(_WORKDIR.value, cfg.model)
     print(f"{len(pairs['chosen_tokens'])} pairs of {pairs['chosen_tokens'].shape[1]} tokens; "
           f"objective {cfg.objective or 'sft'}", flush=True)
-    result = preference.fit_preference(cfg, pairs, _WORKDIR.value, params=params)
+    data = pair_data.chosen_rows(pairs) if cfg.objective is None else pairs
+    result = preference.fit_preference(cfg, data, _WORKDIR.value, params=params)
     if result.preempted:
         sys.exit(128 + signal.SIGTERM)
 
