@@ -1,12 +1,13 @@
 """The main job: a 2-layer Llama (d_model 128, 4 query / 2 KV heads, 0.39M non-embedding
 parameters, 1.44M in all) on the embedded corpus (Python standard-library docstrings and manual)
 with the shipped 4096-piece tokenizer: 300 steps of 16 × 128 tokens (0.61M tokens) at a peak
-learning rate of 6e-3. Measured: 230 CPU-seconds in all (corpus build, compilation, training,
-checkpoints at steps 100, 200 and 300, the sample), so about 2 minutes on 2 idle cores of the
-machine the README was timed on and about 4 on a fresh 2-core cloud machine (which ran the previous,
-16-CPU-minute main job in 16 minutes). The loss falls from 8.3 (uniform over 4096 pieces) to
-~5.0; the run ends with a sample at temperature 0.7 (English-like phrases of the corpus, not yet
-sentences).
+learning rate of 6e-3. Measured: 240 CPU-seconds in all (compilation, training, checkpoints at
+steps 100, 200 and 300, the engine's end-of-run sample; the first run on a machine also builds the
+corpus cache, ~10 CPU-seconds), so about 2 minutes on 2 idle cores of the machine the README was
+timed on and about 4 on a fresh 2-core cloud machine (which ran the previous, 16-CPU-minute main
+job in 16 minutes). The loss falls from 8.3 (uniform over 4096 pieces) to 5.05 (mean of steps
+276-300); the run ends with a 48-token sample at temperature 0.7 (at this size: fragments of the
+corpus's vocabulary and layout, not sentences).
 
   python -m launch.train --config=experiments/pretrain/config.py --workdir=/tmp/jaxllm_pretrain
 """

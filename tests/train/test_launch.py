@@ -19,7 +19,8 @@ from jaxllm.train.config import TrainConfig, config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 40
-TINY = ["--config=experiments/pretrain/config.py", "--config.model.preset=tiny", f"--config.steps={STEPS}",
+TINY = ["--config=experiments/pretrain/config.py", "--config.model.preset=tiny", "--config.model.d_model=64",
+        "--config.model.d_ff=192", f"--config.steps={STEPS}",
         "--config.batch_size=8", "--config.seq_len=32", "--config.log_every=1", "--config.checkpoint_every=100",
         "--config.peak_flops=1e11", "--config.sample_tokens=4", "--config.mesh=fsdp:-1"]
 
