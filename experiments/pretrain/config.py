@@ -2,10 +2,10 @@
 parameters, 1.44M in all) on the embedded corpus (Python standard-library docstrings and manual)
 with the shipped 4096-piece tokenizer: 300 steps of 16 × 128 tokens (0.61M tokens) at a peak
 learning rate of 6e-3. Measured: 240 CPU-seconds in all (compilation, training, checkpoints at
-steps 100, 200 and 300, the engine's end-of-run sample; the first run on a machine also builds the
-corpus cache, ~10 CPU-seconds), so about 2 minutes on 2 idle cores of the machine the README was
-timed on and about 4 on a fresh 2-core cloud machine (which ran the previous, 16-CPU-minute main
-job in 16 minutes). The loss falls from 8.3 (uniform over 4096 pieces) to 5.05 (mean of steps
+steps 100, 200 and 300, the engine's end-of-run sample; not counted: building the corpus cache on a
+machine's first run), so about 2 minutes on 2 idle cores of the machine the README was timed on;
+on a fresh 2-core cloud machine, which ran the previous 16-CPU-minute main job in 16 minutes, we
+expect about 4 (not measured there). The loss falls from 8.3 (uniform over 4096 pieces) to 5.05 (mean of steps
 276-300); the run ends with a 48-token sample at temperature 0.7 (at this size: fragments of the
 corpus's vocabulary and layout, not sentences).
 
