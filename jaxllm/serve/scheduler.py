@@ -354,7 +354,7 @@ class Scheduler:
         positions_T = np.zeros(T, np.int32)
         slot_T = np.full(T, -1, np.int32)
         slot_mapping_T = np.full(T, -1, np.int32)
-        block_tables_SN = np.full((S, W), -1, np.int32)
+        block_tables_SW = np.full((S, W), -1, np.int32)
         context_len_S = np.zeros(S, np.int32)
         last_index_S = np.full(S, -1, np.int32)
         sample_S = np.zeros(S, bool)
@@ -370,12 +370,12 @@ class Scheduler:
                 positions_T[t:t + n] = np.arange(start, stop)
                 slot_T[t:t + n] = s
                 slot_mapping_T[t:t + n] = self.blocks.slot_mapping(seq.seq_id, start, stop)
-            block_tables_SN[s, :min(len(table), W)] = table[:W]
+            block_tables_SW[s, :min(len(table), W)] = table[:W]
             context_len_S[s] = stop
             last_index_S[s] = t + n - 1
             sample_S[s] = stop == seq.num_tokens
             t += n
-        batch = RaggedBatch(tokens_T, positions_T, slot_T, slot_mapping_T, block_tables_SN, context_len_S,
+        batch = RaggedBatch(tokens_T, positions_T, slot_T, slot_mapping_T, block_tables_SW, context_len_S,
                             last_index_S, sample_S)
         return StepPlan(tuple(seq for seq, _ in rows), tuple(n for _, n in rows), batch)
 

@@ -24,7 +24,7 @@ CFG = presets.get("tiny", vocab_size=TOKENIZER.vocab_size)
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_tiny")
-    hf.save(str(path), CFG, llama.init_params(CFG, jax.random.key(0)))
+    hf.save(str(path), CFG, llama.init_params(CFG, jax.random.key(0)), tokenizer=TOKENIZER)
     return str(path)
 
 

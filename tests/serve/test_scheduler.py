@@ -46,7 +46,7 @@ class MockModel:
             ctx, last = int(batch.context_len_S[s]), int(batch.last_index_S[s])
             first = int(np.flatnonzero(batch.slot_T == s)[0])
             start = ctx - (last - first + 1)  # history: through the block table; this pass: its slots
-            table = batch.block_tables_SN[s, :-(-start // self.P)]
+            table = batch.block_tables_SW[s, :-(-start // self.P)]
             slots = (table[:, None] * self.P + np.arange(self.P)).reshape(-1)[:start]
             slots = np.concatenate([slots, batch.slot_mapping_T[first:last + 1]]).astype(np.int64)
             np.testing.assert_array_equal(v[slots], np.arange(ctx))  # every position cached in place
@@ -390,7 +390,7 @@ def test_block_tables_are_as_wide_as_the_longest_history_bucket():
     sched.add(0, *requests[0])
     widths = []
     while (plan := sched.schedule()) is not None:
-        widths.append(plan.batch.block_tables_SN.shape[1])
+        widths.append(plan.batch.block_tables_SW.shape[1])
         S = len(plan.batch.context_len_S)
         sched.update(plan, np.zeros(S, np.int32), np.zeros(S, np.float32))
     # fresh prompt: no history, narrowest tables; decodes after 20 and 21 cached tokens: 5 and 6
