@@ -187,13 +187,34 @@ class EngineLoop:
             with self._lock:
                 events = self.engine.step() if self.engine.has_unfinished() else None
                 for e in events or ():
-                    self._queues[e.request_id].put(e)
-                    if e.finish_reason is not None and self.engine.is_finished(e.request_id):
-                        self.engine.completions(e.request_id)
-                        self._queues.pop(e.request_id).put(None)
+                    self._deliver(e)
+                for request_id in {e.request_id for e in events or () if e.finish_reason is not None}:
+                    self._close(request_id)
             if events is None:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+
+    def _deliver(self, event) -> None:
+        """Hand one event to its request's queue (none when the request already failed)."""
+        out = self._queues.get(event.request_id)
+        if out is not None:
+            out.put(event)
+
+    def _close(self, request_id: int) -> None:
+        """Once every sample of a request finished (samples of one request may finish in the same
+        step), collect it and end its queue. A request whose bookkeeping fails is failed alone
+        (its queue gets the exception); the loop goes on."""
+        try:
+            if self.engine.is_finished(request_id):
+                self.engine.completions(request_id)
+                out = self._queues.pop(request_id, None)
+                if out is not None:
+                    out.put(None)
+        except Exception as err:  # noqa: BLE001 - one request's failure must not kill the loop
+            absl_logging.exception("request %d failed", request_id)
+            out = self._queues.pop(request_id, None)
+            if out is not None:
+                out.put(err)
 
 
 def make_server(loop: EngineLoop, tokenizer: Tokenizer | None, defaults: dict, *, host: str = "127.0.0.1",

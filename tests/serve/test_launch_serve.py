@@ -100,3 +100,21 @@ def test_command_line_batch_mode(hf_folder, tmp_path):
                     "--config.engine.num_blocks=64"], cwd=ROOT, check=True, timeout=300)
     (record,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert 1 <= len(record["choices"][0]["token_ids"]) <= 4
+
+
+def test_engine_loop_survives_samples_of_one_request_finishing_in_one_step(engine):
+    """n=3 samples of max_tokens tokens all finish in the same step: every sample's events arrive,
+    the queue ends, and the loop keeps serving the next request."""
+    loop = serve.EngineLoop(engine)
+    try:
+        for _ in range(2):
+            _, out = loop.submit([1, 17, 23], SamplingParams(max_tokens=4, temperature=1.0, seed=1, n=3))
+            events = []
+            while (e := out.get(timeout=120)) is not None:
+                events.append(e)
+            assert sorted((e.sample_index, e.finish_reason) for e in events if e.finish_reason) == \
+                [(0, "length"), (1, "length"), (2, "length")]
+            assert len(events) == 12
+        assert loop._thread.is_alive()
+    finally:
+        loop.close()
