@@ -189,13 +189,19 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
     n = body.n
     if body.stream:
         return responses.StreamingResponse(
-            _stream(request, state, body, prompts, queues, ids, deadline, meta, chat),
+            _stream(state, body, prompts, queues, ids, deadline, meta, chat),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        results = [await _collect(request, out, deadline) for out in queues]
+        results = [await _collect(out, deadline, gone) for out in queues]
+    except _ClientGone:
+        _abort(state, ids)
+        return responses.Response(status_code=499)  # nobody is listening (nginx's "client closed request")
     except BaseException:
         _abort(state, ids)
         raise
+    finally:
+        gone.cancel()
     choices = []
     for i, (prompt, completions) in enumerate(zip(prompts, results)):
         for j in range(n):
@@ -205,32 +211,44 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
     return {**meta, "choices": choices, "usage": usage}
 
 
-async def _collect(request: fastapi.Request, out: asyncio.Queue, deadline: float | None) -> list[Completion]:
-    """The request's completions, skipping its token events; aborts on disconnect or timeout."""
+class _ClientGone(Exception):
+    """The client of a non-streamed request disconnected."""
+
+
+async def _disconnected(request: fastapi.Request) -> None:
+    """Returns when the client disconnects (the body is already read: the next ASGI message is
+    the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(out: asyncio.Queue, deadline: float | None, gone: asyncio.Future) -> list[Completion]:
+    """The request's completions, skipping its token events."""
     while True:
-        item = await _next(request, out, deadline)
+        item = await _next(out, deadline, gone)
         if isinstance(item, list):
             return item
 
 
-async def _next(request: fastapi.Request, out: asyncio.Queue, deadline: float | None):
-    """The next item of a request's queue, watching the client and the deadline meanwhile."""
-    while True:
-        wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-        if wait <= 0:
-            raise APIError(408, "the request timed out", "timeout", kind="timeout_error")
-        try:
-            item = await asyncio.wait_for(out.get(), wait)
-        except TimeoutError:
-            if await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected") from None
-            continue
-        if isinstance(item, Exception):
-            raise APIError(500, f"the request failed: {item}", kind="server_error")
-        return item
+async def _next(out: asyncio.Queue, deadline: float | None, gone: asyncio.Future | None = None):
+    """The next item of a request's queue; 408 past the deadline, _ClientGone when `gone` is done
+    first. (A streaming response's client leaving cancels the stream instead.)"""
+    get = asyncio.ensure_future(out.get())
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    done, _ = await asyncio.wait({get} if gone is None else {get, gone}, timeout=wait,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if get not in done:
+        get.cancel()
+        if gone is not None and gone in done:
+            raise _ClientGone()
+        raise APIError(408, "the request timed out", "timeout", kind="timeout_error")
+    item = get.result()
+    if isinstance(item, Exception):
+        raise APIError(500, f"the request failed: {item}", kind="server_error")
+    return item
 
 
-async def _stream(request, state, body, prompts, queues, ids, deadline, meta, chat):
+async def _stream(state, body, prompts, queues, ids, deadline, meta, chat):
     """Server-sent events: per token a chunk, the last with its finish_reason, `[DONE]` at the end."""
     n, tokenizer = body.n, state.tokenizer
     try:
@@ -241,7 +259,7 @@ async def _stream(request, state, body, prompts, queues, ids, deadline, meta, ch
         for i, out in enumerate(queues):
             while True:
                 try:
-                    item = await _next(request, out, deadline)
+                    item = await _next(out, deadline)
                 except APIError as err:
                     yield protocol.sse({"error": {"message": err.message, "type": err.kind, "param": err.param,
                                                   "code": err.status}})

@@ -14,6 +14,7 @@ from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.model import llama, presets
 from jaxllm.serve import Engine, SamplingParams
 from jaxllm.serve.api_server import ServerConfig, start_server
+from jaxllm.serve.engine_loop import EngineLoop, Overloaded
 
 openai = pytest.importorskip("openai")
 
@@ -126,6 +127,73 @@ def test_streaming_client_that_leaves_is_aborted(server, client):
     assert now["jaxllm:generation_tokens_total"] - before["jaxllm:generation_tokens_total"] < 100
     assert now["jaxllm:time_to_first_token_seconds_count"] > before["jaxllm:time_to_first_token_seconds_count"]
     assert not server.state.loop.engine.scheduler.blocks.ref_counts.any()
+
+
+def test_timeout_and_a_client_that_leaves_a_plain_request_abort_it(server, client):
+    """The loop is held (paused) while each request arrives, so neither can finish first."""
+    loop, before = server.state.loop, metrics(server)
+    errors = []
+
+    def timed_out():
+        try:
+            client.completions.create(model="tiny", prompt="Once", max_tokens=100, temperature=0,
+                                      extra_body={"ignore_eos": True, "timeout": 0.05})
+        except openai.APIStatusError as err:
+            errors.append(err.status_code)
+
+    def leaves():
+        body = json.dumps({"model": "tiny", "prompt": "Twice", "max_tokens": 100, "ignore_eos": True}).encode()
+        request = urllib.request.Request(f"{server.url}/v1/completions", body,
+                                         {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        with pytest.raises(OSError):  # the client gives up after 0.5 s
+            urllib.request.urlopen(request, timeout=0.5)
+
+    for target in (timed_out, leaves):
+        thread = threading.Thread(target=target)
+        with loop.paused():
+            thread.start()
+            time.sleep(1.5)
+        thread.join()
+    deadline = time.monotonic() + 60
+    while metrics(server)["jaxllm:request_aborts_total"] < before["jaxllm:request_aborts_total"] + 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert errors == [408]
+    now = metrics(server)
+    assert now["jaxllm:num_requests_running"] == 0 and now["jaxllm:kv_cache_usage_perc"] == 0
+    assert now["jaxllm:generation_tokens_total"] - before["jaxllm:generation_tokens_total"] < 200
+
+
+def test_a_full_waiting_queue_answers_503_at_once(server):
+    engine = Engine(CFG, PARAMS, tokenizer=TOKENIZER, **ENGINE)
+    loop = EngineLoop(engine, max_waiting=2)
+    loop.close()  # nothing steps: submitted requests stay waiting
+    ids = [loop.submit([1, 5, 7], SamplingParams(max_tokens=4), lambda item: None) for _ in range(2)]
+    with pytest.raises(Overloaded, match="2 requests are waiting"):
+        loop.submit([1, 5, 7], SamplingParams(max_tokens=4), lambda item: None)
+    assert all(loop.abort(i) for i in ids) and not engine.has_unfinished()
+    server.state.loop.max_waiting, limit = 0, server.state.loop.max_waiting
+    try:
+        code, error = post(server, "/v1/completions", json.dumps({"prompt": "x"}).encode())
+    finally:
+        server.state.loop.max_waiting = limit
+    assert code == 503 and "overloaded" in error["error"]["message"]
+
+
+def test_echo_scores_the_prompt_and_best_of_keeps_the_likeliest(server, client):
+    prompt = "def add(a, b):"
+    ids = TOKENIZER.encode(prompt, bos=True)
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    with server.state.loop.paused() as engine:
+        want = engine.prompt_logprobs(ids, 2)
+    choice = got.choices[0]
+    assert choice.text == TOKENIZER.decode(ids) and choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([x for x, _ in want], abs=1e-5)
+    assert got.usage.completion_tokens == 0 and got.usage.prompt_tokens == len(ids)
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=1.0, seed=3, n=2,
+                                    best_of=4)
+    want = generate(server, ids, max_tokens=5, temperature=1.0, seed=3, n=2, best_of=4)
+    assert [c.text for c in got.choices] == [c.text for c in want]
 
 
 def post(server, path, data: bytes, key=KEY):
