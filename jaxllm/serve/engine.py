@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.model.llama import Llama, LlamaConfig
-from jaxllm.serve.cache import KVPool, KVSpec, RaggedBatch, init_kv_pool
+from jaxllm.serve.cache import KVSpec, RaggedBatch, copy_blocks, init_kv_pool
 from jaxllm.serve.detokenize import IncrementalText
 from jaxllm.serve.paged_attention import AttentionFn, PagedKVCache, commit, paged_attention
 from jaxllm.serve.sampling import LogitsFn, SamplingParams, sample_with_top_logprobs, sampling_rows
@@ -115,12 +115,6 @@ def _is_leaf_cache(x) -> bool:
     return isinstance(x, PagedKVCache)
 
 
-def _copy_blocks(pool: KVPool, src_C, dst_C) -> KVPool:
-    """Copy blocks src -> dst in every layer; dst out of range (padding pairs) is dropped."""
-    return KVPool(pool.k.at[:, dst_C].set(pool.k[:, src_C], mode="drop"),
-                  pool.v.at[:, dst_C].set(pool.v[:, src_C], mode="drop"))
-
-
 @dataclasses.dataclass
 class _Output:
     """Engine-side state of one sample: its text (with a tokenizer) and top log-probs so far."""
@@ -177,7 +171,7 @@ class Engine:
         self._step_fn = jax.jit(self._device_step)
         self._commit_fn = jax.jit(lambda pools, pending, slots: tuple(map(commit, pools, pending, slots)),
                                   donate_argnums=(0,))
-        self._copy_fn = jax.jit(lambda pools, src, dst: tuple(_copy_blocks(p, src, dst) for p in pools),
+        self._copy_fn = jax.jit(lambda pools, src, dst: tuple(copy_blocks(p, src, dst) for p in pools),
                                 donate_argnums=(0,))
         self.tokenizer = tokenizer
         self._outputs: dict[int, _Output] = {}  # per sequence id
