@@ -21,7 +21,6 @@ import json
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import fastapi

@@ -163,6 +163,8 @@ def sampling_params(body, prompt: list[int], engine: Engine, tokenizer, defaults
         raise BadField("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
     if context is not None:
         max_tokens = min(max_tokens, context - len(prompt))
+    if body.stream and body.echo:
+        raise BadField("echo cannot be streamed", "echo")
     if body.stream and body.best_of is not None and body.best_of > body.n:
         raise BadField("best_of > n cannot be streamed", "best_of")
     try:

@@ -43,7 +43,8 @@ class SamplingParams:
     RepetitionPenaltyLogitsProcessor (over prompt and output tokens: positive logits divided by
     it, negative ones multiplied), then OpenAI's `presence_penalty` / `frequency_penalty` (over
     output tokens: minus presence for a token seen, minus frequency times its count), then
-    `logit_bias` ({token id: bias} added).
+    `logit_bias` ({token id: bias} added). A pass with such a request ships dense [S, V] inputs
+    (`LogitAdjust`) and runs its own compiled variant of the engine step (compiled on first use).
     """
     max_tokens: int
     temperature: float = 0.0

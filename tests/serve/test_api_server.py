@@ -214,6 +214,7 @@ def post(server, path, data: bytes, key=KEY):
     (json.dumps({"model": "tiny", "prompt": [1, 99999]}).encode(), 400, "prompt"),
     (json.dumps({"model": "tiny", "prompt": "x " * 200}).encode(), 400, "prompt"),  # longer than the context
     (json.dumps({"model": "tiny", "prompt": "x", "logit_bias": {"a": 1}}).encode(), 400, "logit_bias"),
+    (json.dumps({"model": "tiny", "prompt": "x", "stream": True, "best_of": 3}).encode(), 400, "best_of"),
     (json.dumps({"model": "gpt-5", "prompt": "x"}).encode(), 404, "model"),
     (json.dumps({"model": "tiny", "prompt": "x" * (40 << 10)}).encode(), 413, None),
 ])
