@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import socket
 import threading
@@ -176,8 +177,9 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
             if p is None:  # echo with max_tokens 0: nothing to generate
                 out.put_nowait([])
                 continue
-            ids.append(state.loop.submit(prompt, p, lambda item, out=out: aio.call_soon_threadsafe(out.put_nowait,
-                                                                                                   item)))
+            deliver = functools.partial(_deliver, aio, out)
+            # off the event loop: submitting waits for the pass in progress
+            ids.append(await asyncio.to_thread(state.loop.submit, prompt, p, deliver))
     except ValueError as err:
         _abort(state, ids)
         raise APIError(400, str(err), getattr(err, "param", None) or protocol.param_of(str(err))) from None
@@ -208,6 +210,11 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
             choices.append(protocol.choice(c, i * n + j, body, prompt, echoed[i], state.tokenizer, chat))
     usage = protocol.usage(prompts, [c for cs in results for c in cs])
     return {**meta, "choices": choices, "usage": usage}
+
+
+def _deliver(aio: asyncio.AbstractEventLoop, out: asyncio.Queue, item) -> None:
+    """Called on the engine-loop thread: hand an item to the request's queue on the event loop."""
+    aio.call_soon_threadsafe(out.put_nowait, item)
 
 
 class _ClientGone(Exception):
