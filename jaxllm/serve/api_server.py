@@ -341,7 +341,7 @@ def start_server(load: Callable[[], Engine], tokenizer, config: ServerConfig, *,
         try:
             engine = load()
             if engine.tokenizer is None:
-                raise ValueError("the engine needs the tokenizer (Engine(..., tokenizer=...)) for text and stop strings")
+                raise ValueError("the engine needs the tokenizer (Engine(..., tokenizer=...)) for text and stops")
             if precompile:
                 start = time.perf_counter()
                 pairs = engine.precompile()

@@ -128,8 +128,8 @@ class Engine:
     Offline: `generate(prompts, sampling) -> list[Completion]`. Online: `add_request(...)` returns a
     request id; each `step()` runs one pass and returns its `TokenEvent`s; `completions(id)` hands
     over a finished request; `abort(id)` drops an unfinished one. `tokenizer` (anything with
-    `decode(ids) -> str`) enables text and `stop` strings. Weights can be swapped between runs with `set_params` (which also
-    drops the prefix cache, whose K/V belong to the old weights).
+    `decode(ids) -> str`) enables text and `stop` strings. Weights can be swapped between runs
+    with `set_params` (which also drops the prefix cache, whose K/V belong to the old weights).
     """
 
     def __init__(self, model: LlamaConfig | LogitsFn, params, *, token_budget: int = 256, block_size: int = 16,
@@ -176,7 +176,6 @@ class Engine:
         self.tokenizer = tokenizer
         self._outputs: dict[int, _Output] = {}  # per sequence id
         self._seqs: dict[int, list] = {}  # request id -> its Sequences (for text state and abort)
-        self.num_aborted = 0
         self._num_traces = 0
         self._next_request_id = 0
         self._streams: dict[int, _Streams] = {}
@@ -301,7 +300,6 @@ class Engine:
         del self._samples_left[request_id]
         self._finished_samples.pop(request_id, None)
         self._streams.pop(request_id, None)
-        self.num_aborted += 1
         return True
 
     def prompt_logprobs(self, prompt: SequenceABC[int], num_top: int = 0) -> list[tuple[float, tuple]]:

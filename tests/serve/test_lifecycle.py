@@ -2,6 +2,8 @@
 tokenizer: abort, n/best_of forked from one prefill, stop strings across token boundaries, top
 log-probs, penalties (against HF transformers' processor and float64 NumPy), logit bias, and
 prompt log-probs for echo."""
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -43,18 +45,21 @@ def test_abort_waiting_and_running_frees_blocks_and_spares_others():
     cached = engine.scheduler.blocks.num_cached_blocks
     assert cached >= 3 and engine.abort(running) and engine.abort(waiting)
     assert not engine.abort(running) and not engine.abort(12345)
+    blocks = engine.scheduler.blocks  # ref counts: exactly the blocks of the request still running
+    live = collections.Counter(b for seq in engine.scheduler.running for b in blocks.block_table(seq.seq_id))
+    assert {b: int(c) for b, c in enumerate(blocks.ref_counts) if c} == dict(live) and live
     events = []
     while engine.has_unfinished():
         events += engine.step()
     assert {e.request_id for e in events} == {kept}
     assert engine.completions(kept)[0].tokens == want.tokens
     assert not engine.abort(kept)  # finished
-    blocks = engine.scheduler.blocks
     assert blocks.num_free_blocks == 40 and not blocks.ref_counts.any() and blocks.num_cached_blocks >= cached
     # the aborted prompt's cached blocks are reused, with exact outputs
     (again,) = engine.generate([long_prompt], SamplingParams(max_tokens=3))
     fresh = Engine(CFG, PARAMS, token_budget=16, buckets=(8, 16), block_size=4, num_blocks=40, max_seqs=8)
-    assert again.num_cached_tokens >= 12 and again.tokens == fresh.generate([long_prompt], SamplingParams(max_tokens=3))[0].tokens
+    (uncached,) = fresh.generate([long_prompt], SamplingParams(max_tokens=3))
+    assert again.num_cached_tokens >= 12 and again.tokens == uncached.tokens
 
 
 def test_n_and_best_of_prefill_the_prompt_once(engine):
@@ -172,6 +177,7 @@ def test_logit_bias_and_repetition_penalty_steer_greedy_decoding(engine):
     with pytest.raises(ValueError, match="logit_bias token id 99999"):
         engine.add_request(PROMPT, SamplingParams(max_tokens=2, logit_bias={99999: 1.0}))
     for kwargs, match in [({"presence_penalty": 3.0}, "presence_penalty"), ({"repetition_penalty": 0.0}, "repetition"),
-                          ({"logprobs": 21}, "logprobs"), ({"n": 3, "best_of": 2}, "best_of"), ({"stop": [""]}, "stop")]:
+                          ({"logprobs": 21}, "logprobs"), ({"n": 3, "best_of": 2}, "best_of"),
+                          ({"stop": [""]}, "stop")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(max_tokens=2, **kwargs)
