@@ -176,6 +176,7 @@ class Engine:
         self.tokenizer = tokenizer
         self._outputs: dict[int, _Output] = {}  # per sequence id
         self._seqs: dict[int, list] = {}  # request id -> its Sequences (for text state and abort)
+        self._failures: dict[int, Exception] = {}
         self._num_traces = 0
         self._next_request_id = 0
         self._streams: dict[int, _Streams] = {}
@@ -353,30 +354,47 @@ class Engine:
         self._apply_copies(self.scheduler.take_copies())
         if any(seq.params.logprobs for seq in plan.seqs):
             top_ids_SK, top_logprobs_SK = np.asarray(top_ids_SK), np.asarray(top_logprobs_SK)
-        events = []
+        events, failed = [], {}
         for s, seq in enumerate(plan.seqs):
-            if not plan.batch.sample_S[s]:
+            if not plan.batch.sample_S[s] or seq.request_index in failed:
                 continue
-            out = self._outputs[seq.seq_id]
             top = ()
             if seq.params.logprobs:
-                top = tuple((int(t), float(x)) for t, x in zip(top_ids_SK[s, :seq.params.logprobs],
-                                                                top_logprobs_SK[s, :seq.params.logprobs])
+                k = seq.params.logprobs
+                top = tuple((int(t), float(x)) for t, x in zip(top_ids_SK[s, :k], top_logprobs_SK[s, :k])
                             if np.isfinite(x))
-                out.top_logprobs.append(top)
-            done = seq.seq_id in finished
-            if out.text is not None and out.text.append(int(tokens_S[s])):  # a stop string
-                if done:
-                    seq.finish_reason = "stop"
-                else:
-                    self.scheduler.finish(seq, "stop")
-                    done = True
-            text = "" if out.text is None else out.text.take_delta(final=done)
-            events.append(TokenEvent(seq.request_index, seq.sample_index, int(tokens_S[s]), float(logprobs_S[s]),
-                                     seq.finish_reason if done else None, text, top))
+            try:
+                events.append(self._event(seq, int(tokens_S[s]), float(logprobs_S[s]), top, seq.seq_id in finished))
+            except Exception as err:  # noqa: BLE001 - one request's bookkeeping fails that request alone
+                failed[seq.request_index] = err
+        for request_id, err in failed.items():
+            self.abort(request_id)
+            self._failures[request_id] = err
+        return [e for e in events if e.request_id not in failed]
+
+    def take_failures(self) -> dict[int, Exception]:
+        """Requests whose host-side bookkeeping (e.g. detokenizing) raised in a step since the
+        last call, with the error; each was aborted, the other requests went on."""
+        failures, self._failures = self._failures, {}
+        return failures
+
+    def _event(self, seq, token: int, logprob: float, top: tuple, done: bool) -> TokenEvent:
+        """The event of a sampled row: top log-probs and text kept, a stop string ends the sample."""
+        out = self._outputs[seq.seq_id]
+        if seq.params.logprobs:
+            out.top_logprobs.append(top)
+        if out.text is not None and out.text.append(token):  # a stop string
             if done:
-                self._finish(seq)
-        return events
+                seq.finish_reason = "stop"
+            else:
+                self.scheduler.finish(seq, "stop")
+                done = True
+        text = "" if out.text is None else out.text.take_delta(final=done)
+        event = TokenEvent(seq.request_index, seq.sample_index, token, logprob, seq.finish_reason if done else None,
+                           text, top)
+        if done:
+            self._finish(seq)
+        return event
 
     def _apply_copies(self, copies: list[tuple[int, int]]) -> None:
         """Do the forks' block copies on device (padded to a power of two: few compiles)."""

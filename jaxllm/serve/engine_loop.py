@@ -89,6 +89,8 @@ class EngineLoop:
                     for request_id in list(self._requests):
                         self._fail(request_id, err)
                     events = []
+                for request_id, err in self.engine.take_failures().items():
+                    self._fail(request_id, err)
                 now = time.perf_counter()
                 for event in events or ():
                     request = self._requests.get(event.request_id)
@@ -129,7 +131,7 @@ class EngineLoop:
             absl_logging.exception("request %d: delivering its completions failed", request_id)
 
     def _fail(self, request_id: int, err: Exception) -> None:
-        absl_logging.exception("request %d failed", request_id)
+        absl_logging.error("request %d failed: %r", request_id, err)
         request = self._requests.pop(request_id, None)
         self.engine.abort(request_id)
         if request is not None:

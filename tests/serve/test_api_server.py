@@ -148,15 +148,18 @@ def test_timeout_and_a_client_that_leaves_a_plain_request_abort_it(server, clien
         with pytest.raises(OSError):  # the client gives up after 0.5 s
             urllib.request.urlopen(request, timeout=0.5)
 
-    for target in (timed_out, leaves):
-        thread = threading.Thread(target=target)
-        with loop.paused():
-            thread.start()
-            time.sleep(1.5)
+    thread = threading.Thread(target=timed_out)
+    with loop.paused():  # the request's deadline passes while it waits to be submitted
+        thread.start()
+        time.sleep(1.5)
+    thread.join()
+    thread = threading.Thread(target=leaves)
+    with loop.paused():  # the client is gone before its request is submitted
+        thread.start()
         thread.join()
-    deadline = time.monotonic() + 60
-    while metrics(server)["jaxllm:request_aborts_total"] < before["jaxllm:request_aborts_total"] + 2:
-        assert time.monotonic() < deadline
+    deadline = time.monotonic() + 120
+    while (now := metrics(server))["jaxllm:request_aborts_total"] < before["jaxllm:request_aborts_total"] + 2:
+        assert time.monotonic() < deadline, (before, now, errors)
         time.sleep(0.1)
     assert errors == [408]
     now = metrics(server)

@@ -181,3 +181,31 @@ def test_logit_bias_and_repetition_penalty_steer_greedy_decoding(engine):
                           ({"stop": [""]}, "stop")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(max_tokens=2, **kwargs)
+
+
+class FlakyTokenizer:
+    """The shipped tokenizer, except that decoding token 42 raises."""
+
+    def decode(self, ids):
+        if 42 in ids:
+            raise RuntimeError("cannot decode 42")
+        return TOKENIZER.decode(ids)
+
+
+def test_a_request_whose_bookkeeping_fails_is_aborted_alone(engine):
+    (want,) = engine.generate([PROMPT], SamplingParams(max_tokens=4))
+    engine.tokenizer = FlakyTokenizer()
+    try:
+        bad = engine.add_request(PROMPT, SamplingParams(max_tokens=4, n=2, logit_bias={42: 100.0}))
+        good = engine.add_request(PROMPT, SamplingParams(max_tokens=4))
+        events = []
+        while engine.has_unfinished():
+            events += engine.step()
+    finally:
+        engine.tokenizer = TOKENIZER
+    failures = engine.take_failures()
+    assert list(failures) == [bad] and "cannot decode 42" in str(failures[bad]) and not engine.take_failures()
+    assert {e.request_id for e in events} == {good} and not engine.is_finished(bad)
+    (c,) = engine.completions(good)
+    assert c.tokens == want.tokens and c.text == want.text
+    assert not engine.scheduler.blocks.ref_counts.any()
