@@ -18,7 +18,8 @@ sampled tokens are appended to all of them at once.
 Request lifecycle: `abort` drops a request at once (blocks freed); samples of one request are
 forked from one prefill (see `jaxllm.serve.scheduler`); with a `tokenizer` the engine also keeps
 each sample's text, ends samples at `stop` strings and hands out text deltas in its events.
-`prompt_logprobs` scores a prompt (for OpenAI's `echo`).
+`prompt_logprobs` scores a prompt (for OpenAI's `echo`). A request whose host-side bookkeeping
+raises in a step is aborted alone and reported by `take_failures`.
 
 The step is jitted with static shapes (token bucket × context bucket), so it compiles once per
 bucket pair that occurs (`precompile` compiles them all up front); `num_compiles` counts the traces.
