@@ -177,9 +177,7 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
             if p is None:  # echo with max_tokens 0: nothing to generate
                 out.put_nowait([])
                 continue
-            deliver = functools.partial(_deliver, aio, out)
-            # off the event loop: submitting waits for the pass in progress
-            ids.append(await asyncio.to_thread(state.loop.submit, prompt, p, deliver))
+            ids.append(await _submit(state, prompt, p, functools.partial(_deliver, aio, out)))
     except ValueError as err:
         _abort(state, ids)
         raise APIError(400, str(err), getattr(err, "param", None) or protocol.param_of(str(err))) from None
@@ -190,7 +188,7 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
     n = body.n
     if body.stream:
         return responses.StreamingResponse(
-            _stream(state, body, prompts, queues, ids, deadline, meta, chat),
+            _stream(request, state, body, prompts, queues, ids, deadline, meta, chat),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -212,13 +210,24 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
     return {**meta, "choices": choices, "usage": usage}
 
 
+async def _submit(state: _State, prompt: list[int], params, deliver) -> int:
+    """Submit off the event loop (submitting waits for the pass in progress). If the handler is
+    cancelled meanwhile (its client left), the request is aborted as soon as it is in."""
+    task = asyncio.ensure_future(asyncio.to_thread(state.loop.submit, prompt, params, deliver))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() or state.loop.abort(t.result()))
+        raise
+
+
 def _deliver(aio: asyncio.AbstractEventLoop, out: asyncio.Queue, item) -> None:
     """Called on the engine-loop thread: hand an item to the request's queue on the event loop."""
     aio.call_soon_threadsafe(out.put_nowait, item)
 
 
 class _ClientGone(Exception):
-    """The client of a non-streamed request disconnected."""
+    """The client of a request disconnected."""
 
 
 async def _disconnected(request: fastapi.Request) -> None:
@@ -237,8 +246,8 @@ async def _collect(out: asyncio.Queue, deadline: float | None, gone: asyncio.Fut
 
 
 async def _next(out: asyncio.Queue, deadline: float | None, gone: asyncio.Future | None = None):
-    """The next item of a request's queue; 408 past the deadline, _ClientGone when `gone` is done
-    first. (A streaming response's client leaving cancels the stream instead.)"""
+    """The next item of a request's queue; 408 past the deadline, _ClientGone when `gone` (the
+    client's disconnect) is done first."""
     get = asyncio.ensure_future(out.get())
     wait = None if deadline is None else max(0.0, deadline - time.monotonic())
     done, _ = await asyncio.wait({get} if gone is None else {get, gone}, timeout=wait,
@@ -254,9 +263,11 @@ async def _next(out: asyncio.Queue, deadline: float | None, gone: asyncio.Future
     return item
 
 
-async def _stream(state, body, prompts, queues, ids, deadline, meta, chat):
-    """Server-sent events: per token a chunk, the last with its finish_reason, `[DONE]` at the end."""
+async def _stream(request, state, body, prompts, queues, ids, deadline, meta, chat):
+    """Server-sent events: per token a chunk, the last with its finish_reason, `[DONE]` at the end.
+    A client that leaves ends the stream (and aborts its requests) at once."""
     n, tokenizer = body.n, state.tokenizer
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
         if chat:
             for i in range(len(prompts) * n):
@@ -265,7 +276,9 @@ async def _stream(state, body, prompts, queues, ids, deadline, meta, chat):
         for i, out in enumerate(queues):
             while True:
                 try:
-                    item = await _next(out, deadline)
+                    item = await _next(out, deadline, gone)
+                except _ClientGone:
+                    return
                 except APIError as err:
                     yield protocol.sse({"error": {"message": err.message, "type": err.kind, "param": err.param,
                                                   "code": err.status}})
@@ -284,6 +297,7 @@ async def _stream(state, body, prompts, queues, ids, deadline, meta, chat):
             yield protocol.sse({**meta, "choices": [], "usage": protocol.usage(prompts, finished)})
         yield "data: [DONE]\n\n"
     finally:
+        gone.cancel()
         _abort(state, ids)  # client gone or done: abort whatever is still running (a no-op otherwise)
 
 

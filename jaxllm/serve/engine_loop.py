@@ -50,6 +50,7 @@ class EngineLoop:
             request_id = self.engine.add_request(list(tokens), params)
             self._requests[request_id] = _Request(deliver, len(tokens), time.perf_counter())
             self.metrics.prompt_tokens.inc(len(tokens))
+            self._snapshot()
         self._wake.set()
         return request_id
 
