@@ -11,6 +11,7 @@ TEST = [
     "trl>=1.16,<1.17",
     "matplotlib",
     "sacrebleu",
+    "openai",  # the client the API server is tested with
 ]
 
 setuptools.setup(
@@ -37,6 +38,10 @@ setuptools.setup(
         "numpy",
         "safetensors",
         "tensorboardX",
+        # the OpenAI-compatible server (jaxllm.serve.api_server)
+        "fastapi",
+        "uvicorn",
+        "prometheus-client",
     ],
     extras_require={
         "test": TEST,

@@ -260,8 +260,10 @@ def write_kv(k_NPGK: jax.Array, v_NPGK: jax.Array, k_TGK: jax.Array, v_TGK: jax.
 
 
 def copy_blocks(pool: KVPool, src_C: jax.Array, dst_C: jax.Array) -> KVPool:
-    """Copy whole blocks src -> dst in every layer (the device half of `BlockManager.fork`)."""
-    return KVPool(pool.k.at[:, dst_C].set(pool.k[:, src_C]), pool.v.at[:, dst_C].set(pool.v[:, src_C]))
+    """Copy whole blocks src -> dst in every layer (the device half of `BlockManager.fork`). A dst
+    out of range (>= num_blocks: padding of a fixed-size copy list) is dropped."""
+    return KVPool(pool.k.at[:, dst_C].set(pool.k[:, src_C], mode="drop"),
+                  pool.v.at[:, dst_C].set(pool.v[:, src_C], mode="drop"))
 
 
 @jax.tree_util.register_dataclass
