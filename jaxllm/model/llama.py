@@ -241,7 +241,8 @@ class Llama(nn.Module):
             return logits_BTV, cache.advance(new_kv, T)
         if cfg.value_head:
             w_D = _param(self, "value_head", (cfg.d_model,), ("embed",), cfg.d_model ** -0.5, cfg)
-            bias = self.param("value_bias", nn.initializers.zeros, (), cfg.storage_dtype)
+            bias = self.param("value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                              cfg.storage_dtype)
             return logits_BTV, jnp.einsum("btd,d->bt", x_BTD.astype(jnp.float32), w_D.astype(jnp.float32)) + bias
         return logits_BTV
 

@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 
-from jaxllm.model.llama import Llama, LlamaConfig, init_params
+from jaxllm.model.llama import Llama, LlamaConfig, box_params, init_params
 
 VALUE_KEYS = ("value_head", "value_bias")
 
@@ -70,3 +70,10 @@ class ActorCritic:
                                                   segment_ids_BT)
         _, values_BT = Llama(vcfg).apply({"params": params["critic"]}, tokens_BT, positions_BT, segment_ids_BT)
         return logits_BTV, values_BT
+
+    def box(self, params):
+        """`params` with their logical-axis boxes (`llama.box_params`), so `fit` shards them."""
+        vcfg = dataclasses.replace(self.cfg, value_head=True)
+        if self.shared_trunk:
+            return box_params(vcfg, params)
+        return {"policy": box_params(self.policy_cfg, params["policy"]), "critic": box_params(vcfg, params["critic"])}
