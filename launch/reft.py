@@ -36,24 +36,11 @@ _STAGE = flags.DEFINE_enum("stage", None, STAGES + ("all",), "Which stage to run
 flags.mark_flags_as_required(["config", "workdir", "stage"])
 
 
-def task_and_splits(c):
-    """The ReasoningTask and the {train, val, test} problems a config describes."""
-    t = c.task
-    tok = arith.CharTokenizer()
-    task = reft.ReasoningTask(tok, arith.prompt, arith.EXTRACTORS[t.style], arith.parse_gold)
-    train = arith.make_split(t.train, t.split_seed, style=t.style)
-    val = arith.make_split(t.val, t.split_seed + 1, style=t.style, exclude=frozenset(p["question"] for p in train))
-    test = arith.make_split(t.test, t.split_seed + 2, style=t.style, held_out=True)
-    return task, {"train": train, "val": val, "test": test}
-
-
-def model_config(c):
-    return model_from_dict({**c.model.to_dict(), "vocab_size": arith.CharTokenizer().vocab_size})
-
-
 def run_stage(stage: str, c, workdir: pathlib.Path) -> None:
-    task, splits = task_and_splits(c)
-    model_cfg = model_config(c)
+    t = c.task
+    task = reft.ReasoningTask(arith.CharTokenizer(), arith.prompt, arith.EXTRACTORS[t.style], arith.parse_gold)
+    splits = arith.splits(t.train, t.val, t.test, t.split_seed, t.style)
+    model_cfg = model_from_dict({**c.model.to_dict(), "vocab_size": task.tokenizer.vocab_size})
     reft_cfg = reft.ReFTConfig(**{**c.reft.to_dict(), "seed": c.seed})
     if stage == "sft":
         s = c.sft

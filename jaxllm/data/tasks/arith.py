@@ -107,6 +107,15 @@ def make_split(n: int, seed: int, *, held_out: bool = False, style: str = "ncot"
     raise ValueError(f"could not draw {n} distinct problems (got {len(out)}); ask for fewer")
 
 
+def splits(train: int, val: int, test: int, seed: int, style: str = "ncot") -> dict[str, list[dict]]:
+    """{train, val, test}: val has new questions of the training combinations (checkpoint
+    selection), test the held-out combinations (reported once)."""
+    train_split = make_split(train, seed, style=style)
+    return {"train": train_split,
+            "val": make_split(val, seed + 1, style=style, exclude=frozenset(p["question"] for p in train_split)),
+            "test": make_split(test, seed + 2, style=style, held_out=True)}
+
+
 def extract_answer(text: str) -> float | None:
     """N-CoT answer: the number after the last TRIGGER (commas stripped), None if absent or not a number."""
     if TRIGGER not in text:
