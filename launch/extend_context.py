@@ -99,7 +99,7 @@ def run(config: ml_collections.ConfigDict, source: str, output: str, export_hf: 
     cfg = extension_config(config)
     new_cfg = ce.extended_config(model_cfg, cfg)
     data = sft_data(config.data.to_dict(), cfg.target_len, model_cfg.vocab_size)
-    params, losses = ce.sft(params, new_cfg, data, cfg.sft)
+    params, losses = ce.sft(params, new_cfg, data, cfg.sft, os.path.join(output, "sft"))
     save_model(output, new_cfg, params)
     if export_hf:
         hf.save(os.path.join(output, "hf"), new_cfg, params)

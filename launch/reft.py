@@ -21,10 +21,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxllm import configs
 from jaxllm.data.tasks import arith
 from jaxllm.methods import reft, reft_sft
 from jaxllm.train import model_dir
-from jaxllm.train.config import model_from_dict
 from launch import common
 
 STAGES = ("sft", "reft", "eval")
@@ -40,8 +40,8 @@ def run_stage(stage: str, c, workdir: pathlib.Path) -> None:
     t = c.task
     task = reft.ReasoningTask(arith.CharTokenizer(), arith.prompt, arith.EXTRACTORS[t.style], arith.parse_gold)
     splits = arith.splits(t.train, t.val, t.test, t.split_seed, t.style)
-    model_cfg = model_from_dict({**c.model.to_dict(), "vocab_size": task.tokenizer.vocab_size})
-    reft_cfg = reft.ReFTConfig(**{**c.reft.to_dict(), "seed": c.seed})
+    model_cfg = configs.model_from_dict({**c.model.to_dict(), "vocab_size": task.tokenizer.vocab_size})
+    reft_cfg = configs.from_mapping(reft.ReFTConfig, {**c.reft.to_dict(), "seed": c.seed}, "reft.")
     if stage == "sft":
         s = c.sft
         result = reft_sft.sft(model_cfg, None, splits["train"], splits["val"], task, workdir / "sft",

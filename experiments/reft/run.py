@@ -18,10 +18,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxllm import configs
+from jaxllm.data.tasks import arith
 from jaxllm.methods import reft, reft_sft
 from jaxllm.serve.sampling import SamplingParams
-from jaxllm.data.tasks import arith
-from jaxllm.train.config import model_from_dict
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ReFT experiment config.", lock_config=False)
@@ -51,7 +51,7 @@ def paired_bootstrap(a, b, samples=2000, seed=0):
 
 
 def run_seed(c, seed, workdir, task, splits, model_cfg):
-    rc = reft.ReFTConfig(**{**c.reft.to_dict(), "seed": seed})
+    rc = configs.from_mapping(reft.ReFTConfig, {**c.reft.to_dict(), "seed": seed}, "reft.")
     s = c.sft
     sft = reft_sft.sft(model_cfg, None, splits["train"], splits["val"], task, workdir / f"seed{seed}/sft",
                        epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
@@ -122,7 +122,7 @@ def main(argv):
     t = c.task
     task = reft.ReasoningTask(arith.CharTokenizer(), arith.prompt, arith.EXTRACTORS[t.style], arith.parse_gold)
     splits = arith.splits(t.train, t.val, t.test, t.split_seed, t.style)
-    model_cfg = model_from_dict({**c.model.to_dict(), "vocab_size": task.tokenizer.vocab_size})
+    model_cfg = configs.model_from_dict({**c.model.to_dict(), "vocab_size": task.tokenizer.vocab_size})
     start = time.time()
     runs = {}
     for seed in c.seeds:

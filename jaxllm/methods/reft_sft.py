@@ -4,9 +4,9 @@ One SFT run on (question, chain of thought) rows gives both starting points of t
 *warm-up* (the checkpoint after `warmup_epochs` epochs, from which ReFT starts) and *SFT-best* (the
 epoch with the best greedy validation accuracy, the SFT baseline). The paper's code selects on
 the test set; here selection is on a validation split and test is reported once. The objective is
-the chosen-side NLL of `jaxllm.methods.preference` (masked token-mean NLL over the response), the
-batches its `PairBatches`, the loop `jaxllm.train.fit`. The core optimizer's warm-up + cosine
-schedule stands in for the paper's warm-up + linear decay.
+`jaxllm.objectives.sft` (masked token-mean NLL over the response), run by `jaxllm.train.finetune`
+(epoch batcher + the one loop). The core optimizer's warm-up + cosine schedule stands in for the
+paper's warm-up + linear decay.
 
 `evaluate` decodes through the one sampler: greedy accuracy, and with `k` > 0 samples at T = 1
 voting@k (majority over the extracted answers) and pass@k, all read by the task's one extractor.
@@ -22,20 +22,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxllm.methods import preference
 from jaxllm.methods.reft import ReasoningTask
-from jaxllm.model.llama import LlamaConfig, box_params, init_params
+from jaxllm.model.llama import LlamaConfig, forward
+from jaxllm.objectives.sft import make_sft_loss
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
 from jaxllm.train import hooks as hooks_lib
-from jaxllm.train.loop import LoopConfig, fit
-from jaxllm.train.optim import OptimizerConfig, make_optimizer
+from jaxllm.train.finetune import finetune
+from jaxllm.train.loop import LoopConfig
+from jaxllm.train.optim import OptimizerConfig
 
 
 def sft_rows(problems: Sequence[dict], task: ReasoningTask, *, length: int) -> dict[str, np.ndarray]:
-    """Rows `BOS prompt cot EOS` right-padded to `length`: {"chosen_tokens", "chosen_mask"} with the
-    mask on the chain-of-thought and EOS tokens (the scored targets). ValueError naming a row that
-    does not fit."""
+    """Rows `BOS prompt cot EOS` right-padded to `length`: {"tokens", "loss_mask"} with the mask on
+    the chain-of-thought and EOS tokens (the scored targets). ValueError naming a row that does not
+    fit or whose gold answer does not parse."""
     tokens = np.full((len(problems), length), task.tokenizer.pad_id, np.int32)
     mask = np.zeros((len(problems), length), np.float32)
     for i, p in enumerate(problems):
@@ -46,7 +47,7 @@ def sft_rows(problems: Sequence[dict], task: ReasoningTask, *, length: int) -> d
             raise ValueError(f"problem {i}: {len(prompt) + len(target)} tokens exceed length {length}")
         tokens[i, :len(prompt) + len(target)] = prompt + target
         mask[i, len(prompt):len(prompt) + len(target)] = 1.0
-    return {"chosen_tokens": tokens, "chosen_mask": mask}
+    return {"tokens": tokens, "loss_mask": mask}
 
 
 def make_engine(model_cfg: LlamaConfig, params, *, max_len: int, max_seqs: int = 64) -> Engine:
@@ -92,11 +93,12 @@ class SFTResult:
     history: list[dict]
 
 
-def sft(model_cfg: LlamaConfig, init_or_params, train: Sequence[dict], val: Sequence[dict], task: ReasoningTask,
+def sft(model_cfg: LlamaConfig, params, train: Sequence[dict], val: Sequence[dict], task: ReasoningTask,
         workdir: str | os.PathLike, *, epochs: int, batch_size: int, learning_rate: float = 1e-5,
         warmup_epochs: int = 2, length: int, max_tokens: int, seed: int = 0, mesh: str = "fsdp:-1",
         devices=None, verbose: bool = False) -> SFTResult:
-    """SFT for `epochs` epochs through `fit`, validating (greedy) after every epoch."""
+    """SFT from `params` (None: random init from `seed`) for `epochs` epochs, validating (greedy)
+    after every epoch."""
     if not 1 <= warmup_epochs <= epochs:
         raise ValueError(f"warmup_epochs must be in [1, epochs={epochs}], got {warmup_epochs}")
     rows = sft_rows(train, task, length=length)
@@ -104,8 +106,8 @@ def sft(model_cfg: LlamaConfig, init_or_params, train: Sequence[dict], val: Sequ
     if per_epoch < 1:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train)} training problems")
     steps = epochs * per_epoch
-    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=learning_rate, warmup_steps=steps // 10,
-                                                         min_lr_ratio=0.0, b2=0.999, weight_decay=0.0), steps)
+    optimizer = OptimizerConfig(learning_rate=learning_rate, warmup_steps=steps // 10, min_lr_ratio=0.0, b2=0.999,
+                                weight_decay=0.0)
     engine = make_engine(model_cfg, None, max_len=length)
     kept = {"warmup": None, "best": None, "best_acc": -1.0, "best_epoch": 0}
 
@@ -120,12 +122,10 @@ def sft(model_cfg: LlamaConfig, init_or_params, train: Sequence[dict], val: Sequ
             kept.update(best=params, best_acc=acc, best_epoch=epoch)
         return {"epoch": epoch, "val_greedy": acc}
 
-    init = (functools.partial(init_params, model_cfg, boxed=True) if init_or_params is None
-            else box_params(model_cfg, init_or_params))
-    result = fit(preference.chosen_nll_loss(preference.logits_fn(model_cfg)), optimizer,
-                 preference.PairBatches(rows, batch_size, seed), init, workdir,
-                 LoopConfig(steps=steps, seed=seed, mesh=mesh, log_every=per_epoch, checkpoint_every=per_epoch,
-                            learning_rate=schedule, verbose=verbose), hooks=(epoch_hook,), devices=devices)
+    result = finetune(make_sft_loss(functools.partial(forward, model_cfg)), model_cfg, rows, optimizer, batch_size,
+                      workdir, LoopConfig(steps=steps, seed=seed, mesh=mesh, log_every=per_epoch,
+                                          checkpoint_every=per_epoch, verbose=verbose),
+                      params=params, hooks=(epoch_hook,), devices=devices)
     if kept["warmup"] is None:
         raise ValueError(f"workdir {workdir} resumed past the warm-up epoch {warmup_epochs}; use a fresh workdir")
     return SFTResult(kept["warmup"], kept["best"], kept["best_epoch"], result.history)
