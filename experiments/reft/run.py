@@ -5,8 +5,10 @@ r"""ReFT mini-reproduction: SFT-best vs warm-up vs ReFT vs ReFT without partial 
 
 Per seed: one SFT run gives the warm-up and SFT-best; each ReFT arm starts from the warm-up.
 Greedy test accuracy per arm, voting@k and pass@k, a paired bootstrap 95 % CI of ReFT − SFT-best
-over (seed, question) pairs, and reward / KL / length curves. Results are rewritten after every
-seed (results.json, results.md, PNGs in the workdir and, with --publish, in experiments/reft/).
+over (seed, question) pairs, and reward / KL / length curves. Each process writes every
+seed's run in workdir/seed{n}/result.json; the table (results.md, results.json, reft_curves.png in the
+workdir and, with --publish, in experiments/reft/) covers every seed found there, so seeds can run
+in parallel processes (`--seeds=1`) and be tabulated with `--report_only`.
 """
 import dataclasses
 import json
@@ -27,6 +29,9 @@ from launch import common
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ReFT experiment config.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Runs go here.")
 _PUBLISH = flags.DEFINE_bool("publish", False, "Also write the results next to this script.")
+_SEEDS = flags.DEFINE_string("seeds", "", "Comma-separated seeds to run (default: config.seeds); several "
+                             "processes may share one workdir with different seeds.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only tabulate the seed*/result.json in the workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 ARMS = {"reft": {}, "reft_no_partial": {"partial_reward": 0.0}, "reft_beta0": {"kl_coef": 0.0}}
@@ -77,7 +82,7 @@ def run_seed(c, seed, workdir, task, splits, model_cfg):
 def report(c, runs, workdir: pathlib.Path, wall_s: float) -> str:
     names = list(next(iter(runs.values()))["models"])
     k = c.eval_k
-    lines = [f"seeds {sorted(runs)}; wall time {wall_s / 60:.1f} min", "",
+    lines = [f"seeds {sorted(runs)}; wall time {wall_s / 60:.1f} min (sum over seeds)", "",
              f"| model | greedy test acc (mean ± std) | voting@{k} | pass@{k} |", "|---|---|---|---|"]
     for name in names:
         g = [r["models"][name]["greedy"] for r in runs.values()]
@@ -123,20 +128,23 @@ def main(argv):
     task = reft.ReasoningTask(arith.CharTokenizer(), arith.prompt, arith.EXTRACTORS[t.style], arith.parse_gold)
     splits = arith.splits(t.train, t.val, t.test, t.split_seed, t.style)
     model_cfg = configs.model_from_dict({**c.model.to_dict(), "vocab_size": task.tokenizer.vocab_size})
-    start = time.time()
-    runs = {}
-    for seed in c.seeds:
-        runs[seed] = run_seed(c, seed, workdir, task, splits, model_cfg)
-        table = report(c, runs, workdir, time.time() - start)
-        print(table, flush=True)
-        targets = [workdir] + ([pathlib.Path(__file__).parent] if _PUBLISH.value else [])
-        for target in targets:
-            (target / "results.md").write_text(table)
-            (target / "results.json").write_text(json.dumps(
-                {str(s): {**r, "models": {n: {k: v for k, v in m.items() if k != "test_correct"}
-                                          for n, m in r["models"].items()}} for s, r in runs.items()}, indent=1))
-            plot(runs, target / "reft_curves.png")
-
+    seeds = [int(x) for x in _SEEDS.value.split(",")] if _SEEDS.value else list(c.seeds)
+    for seed in ([] if _REPORT_ONLY.value else seeds):
+        start = time.time()
+        result = run_seed(c, seed, workdir, task, splits, model_cfg)
+        result["wall_s"] = time.time() - start
+        (workdir / f"seed{seed}" / "result.json").write_text(json.dumps(result))
+    runs = {int(p.parent.name[4:]): json.loads(p.read_text()) for p in sorted(workdir.glob("seed*/result.json"))}
+    if not runs:
+        raise FileNotFoundError(f"no seed*/result.json in {workdir}")
+    table = report(c, runs, workdir, sum(r["wall_s"] for r in runs.values()))
+    print(table, flush=True)
+    for target in [workdir] + ([pathlib.Path(__file__).parent] if _PUBLISH.value else []):
+        (target / "results.md").write_text(table)
+        (target / "results.json").write_text(json.dumps(
+            {str(s): {**r, "models": {n: {k: v for k, v in m.items() if k != "test_correct"}
+                                      for n, m in r["models"].items()}} for s, r in runs.items()}, indent=1))
+        plot(runs, target / "reft_curves.png")
 
 if __name__ == "__main__":
     app.run(main)
