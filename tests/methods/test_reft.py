@@ -122,3 +122,21 @@ def test_gold_answers_are_checked_up_front(tmp_path):
                  llama.init_params(CFG, jax.random.key(0)), problems, TASK, tmp_path)
     with pytest.raises(ValueError, match="gold answer 'three'"):
         reft_sft.sft_rows(problems, TASK, length=112)
+
+
+def test_sft_stage_keeps_the_warmup_epoch_and_the_best_validation_epoch(tmp_path):
+    problems = arith.make_split(24, seed=0)
+    result = reft_sft.sft(CFG, None, problems[:16], problems[16:], TASK, tmp_path, epochs=3, batch_size=8,
+                          learning_rate=3e-3, warmup_epochs=1, length=112, max_tokens=48, devices=jax.devices()[:1])
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    accs = [r["val_greedy"] for r in result.history]
+    assert result.best_epoch == 1 + int(np.argmax(accs))
+    engine = reft_sft.make_engine(CFG, None, max_len=112, max_seqs=8)
+    best = reft_sft.evaluate(engine, result.best_params, problems[16:], TASK, max_tokens=48)["greedy"]
+    assert best == max(accs)
+    warmup_acc = reft_sft.evaluate(engine, result.warmup_params, problems[16:], TASK, max_tokens=48)["greedy"]
+    assert warmup_acc == accs[0]  # the warm-up is the epoch-1 model
+    init = llama.init_params(CFG, jax.random.key(0))
+    assert not np.allclose(result.warmup_params["lm_head"], init["lm_head"])
+    same = np.allclose(result.warmup_params["lm_head"], result.best_params["lm_head"])
+    assert same == (result.best_epoch == 1)
