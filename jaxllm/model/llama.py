@@ -37,7 +37,8 @@ class LlamaConfig:
     n_kv_heads < n_heads gives grouped-query attention (1 = multi-query). `dtype` is the compute
     dtype, `param_dtype` the storage dtype; softmax and losses always run in float32. `remat` is a
     key of REMAT_POLICIES; `scan_layers` stacks the blocks under one `lax.scan` (fast compiles for
-    deep models; parameters get a leading layer axis).
+    deep models; parameters get a leading layer axis). `value_head` adds a linear map D → 1 on the
+    final normed hidden state (the critic of PPO, see `jaxllm.model.value_head`).
     """
 
     vocab_size: int
@@ -55,6 +56,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    value_head: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_len"):
@@ -182,6 +184,8 @@ class Llama(nn.Module):
     - with a KV cache: appends the tokens to it and returns (logits, new cache).
     - `logit_indices_BS` picks the rows that need logits (the LM head runs only on those) and gives
       logits_BSV instead.
+    - `cfg.value_head` (no cache): returns (logits_BTV, values_BT), values in float32. Decoding with
+      a cache never needs values and returns logits only.
     """
 
     cfg: LlamaConfig
@@ -234,9 +238,14 @@ class Llama(nn.Module):
         logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(cfg.compute_dtype),
                                 preferred_element_type=jnp.float32)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
-        if cache is None:
-            return logits_BTV
-        return logits_BTV, cache.advance(new_kv, T)
+        if cache is not None:
+            return logits_BTV, cache.advance(new_kv, T)
+        if cfg.value_head:
+            w_D = _param(self, "value_head", (cfg.d_model,), ("embed",), cfg.d_model ** -0.5, cfg)
+            bias = self.param("value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                              cfg.storage_dtype)
+            return logits_BTV, jnp.einsum("btd,d->bt", x_BTD.astype(jnp.float32), w_D.astype(jnp.float32)) + bias
+        return logits_BTV
 
 
 def init_params(cfg: LlamaConfig, rng, *, boxed: bool = False):
