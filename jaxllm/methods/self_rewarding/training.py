@@ -1,0 +1,121 @@
+"""The two trainings of Self-Rewarding (arXiv 2401.10020 §2.2–2.3) as calls of the one loop,
+`jaxllm.train.fit`: joint SFT on IFT ∪ EFT (M0 → M1) and DPO on AI-feedback pairs (M_t → M_{t+1}).
+
+Rows are chat-templated token ids (`tokenizer.apply_chat`): SFT rows are a user turn and the
+assistant's target, scored on the target and its EOS; pair rows share the prompt (user turn +
+assistant header) and score each response and its EOS. SFT is the token-mean NLL of the target
+tokens (`jaxllm.methods.preference.chosen_nll_loss` on the "chosen" keys); DPO is
+`jaxllm.objectives.preference` with summed, shifted, masked response log-probs and the frozen
+reference's log-probs computed once, before the first step, from the params the call starts from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jaxllm.data.preference import collate_pairs
+from jaxllm.methods.preference import PairBatches, chosen_nll_loss, logits_fn, reference_logps
+from jaxllm.model import llama
+from jaxllm.objectives.preference import PreferenceConfig, make_preference_loss
+from jaxllm.train import hooks, optim
+from jaxllm.train.loop import FitResult, LoopConfig, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One training stage: `steps` of `batch_size` rows (fewer when there are fewer rows; epochs
+    reshuffled), `optimizer` scheduled over those steps, rows padded to `seq_len` tokens, on `mesh`
+    (a `jaxllm.parallel.mesh` spec)."""
+
+    steps: int = 100
+    batch_size: int = 16
+    seq_len: int = 128
+    optimizer: optim.OptimizerConfig = optim.OptimizerConfig(learning_rate=1e-6, warmup_steps=0, min_lr_ratio=0.1,
+                                                             weight_decay=0.0)
+    mesh: str = "fsdp:-1"
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The user turn `prompt` and the assistant header: what the model continues."""
+    return tokenizer.apply_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+
+
+def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int, what: str) -> np.ndarray:
+    out = np.full((len(rows), length), pad_id, np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > length:
+            raise ValueError(f"{what} {i} has {len(row)} tokens, more than seq_len {length}")
+        out[i, :len(row)] = row
+    return out
+
+
+def sft_arrays(tokenizer, examples: Sequence[tuple[str, str]], seq_len: int) -> dict[str, np.ndarray]:
+    """(user text, assistant target) examples → {"chosen_tokens", "chosen_mask"} [N, seq_len]."""
+    if not examples:
+        raise ValueError("no SFT examples")
+    chats = [tokenizer.apply_chat([{"role": "user", "content": p}, {"role": "assistant", "content": t}])
+             for p, t in examples]
+    return {"chosen_tokens": _pad([ids for ids, _ in chats], seq_len, tokenizer.pad_id, "SFT example"),
+            "chosen_mask": _pad([mask for _, mask in chats], seq_len, 0, "SFT example")}
+
+
+def pair_arrays(tokenizer, triplets: Sequence[tuple[str, str, str]], seq_len: int) -> dict[str, np.ndarray]:
+    """(prompt, chosen, rejected) texts → padded pair arrays [N, seq_len] (`collate_pairs` keys)."""
+    if not triplets:
+        raise ValueError("no preference pairs")
+    rows = []
+    for prompt, chosen, rejected in triplets:
+        head = prompt_ids(tokenizer, prompt)
+        row = {}
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            body = tokenizer.encode(text) + [tokenizer.eos_id]
+            row[f"{side}_tokens"] = np.asarray(head + body, np.int32)
+            row[f"{side}_mask"] = np.asarray([0] * len(head) + [1] * len(body), np.int32)
+        rows.append(row)
+    return collate_pairs(rows, pad_id=tokenizer.pad_id, length=seq_len)
+
+
+def _loop_config(stage: StageConfig, seed: int, schedule) -> LoopConfig:
+    return LoopConfig(steps=stage.steps, seed=seed, mesh=stage.mesh, log_every=stage.log_every,
+                      checkpoint_every=stage.checkpoint_every, keep_checkpoints=1, learning_rate=schedule,
+                      tokens_per_step=stage.batch_size * stage.seq_len, verbose=False)
+
+
+def _fit(model_cfg, loss_fn, params, rows, stage: StageConfig, seed: int, workdir, devices) -> tuple[dict, FitResult]:
+    optimizer, schedule = optim.make_optimizer(stage.optimizer, stage.steps)
+    batches = PairBatches(rows, min(stage.batch_size, len(rows["chosen_tokens"])), seed)
+    result = fit(loss_fn, optimizer, batches, llama.box_params(model_cfg, params), workdir,
+                 _loop_config(stage, seed, schedule), devices=devices)
+    return hooks.host_params(result.state.params), result
+
+
+def train_sft(model_cfg: llama.LlamaConfig, params, rows: dict[str, np.ndarray], stage: StageConfig, *,
+              seed: int, workdir: str | os.PathLike, devices=None) -> tuple[dict, FitResult]:
+    """SFT of `params` on `sft_arrays` rows through `fit`; returns (host params, FitResult)."""
+    return _fit(model_cfg, chosen_nll_loss(logits_fn(model_cfg)), params, rows, stage, seed, workdir, devices)
+
+
+def train_dpo(model_cfg: llama.LlamaConfig, params, rows: dict[str, np.ndarray], stage: StageConfig,
+              objective: PreferenceConfig, *, seed: int, workdir: str | os.PathLike,
+              devices=None) -> tuple[dict, dict[str, np.ndarray], FitResult]:
+    """DPO from `params` with π_ref = `params` (snapshotted here: its summed response log-probs are
+    computed once, before training, and travel in the batches). Returns (host params, the rows
+    with their reference log-probs, FitResult)."""
+    if objective.kind != "dpo":
+        raise ValueError(f"train_dpo needs a PreferenceConfig of kind 'dpo', got {objective.kind!r}")
+    reference = jax.device_get(params)
+    rows = {**rows, **reference_logps(model_cfg, reference, rows)}
+    loss_fn = make_preference_loss(logits_fn(model_cfg), objective)
+    new_params, result = _fit(model_cfg, loss_fn, params, rows, stage, seed, workdir, devices)
+    return new_params, rows, result
