@@ -110,14 +110,23 @@ def run_arm(config: dict, arm: str, seed: int, root: pathlib.Path) -> list[dict]
         shutil.copytree(shared_m1, workdir / "M1")
     engine = loop.make_engine(setup.model, params0)
     extra = {}
-    if arm == "positive_sft":
-        extra["positive_examples"] = positive_sft_run(setup, workdir, engine)
-    else:
-        reports = loop.run(setup.model, params0, setup.tokenizer, setup.sft_examples, setup.prompt_source, setup.cfg,
-                           workdir, reward_fn=oracle_reward(setup.task) if arm == "oracle" else None, engine=engine)
-        extra["iterations"] = [r.to_json() for r in reports]
+    try:
+        if arm == "positive_sft":
+            extra["positive_examples"] = positive_sft_run(setup, workdir, engine)
+        else:
+            reward_fn = oracle_reward(setup.task) if arm == "oracle" else None
+            reports = loop.run(setup.model, params0, setup.tokenizer, setup.sft_examples, setup.prompt_source,
+                               setup.cfg, workdir, reward_fn=reward_fn, engine=engine)
+            extra["iterations"] = [r.to_json() for r in reports]
+    except ValueError as e:  # no pairs (NoPairsError, with its stats) or no positive example: a result too
+        extra["stopped"] = str(e)
+        print(f"{arm} seed {seed} stopped: {e}", flush=True)
+    reports_done = sorted(workdir.glob("M*/" + loop.REPORT_FILE))
+    extra.setdefault("iterations", [json.loads(p.read_text()) for p in reports_done])
     rows = []
     for t in range(1, setup.cfg.iterations + 2):
+        if not (workdir / f"M{t}" / model_dir.CONFIG_FILE).exists():
+            break
         _, params = model_dir.load_model(workdir / f"M{t}")
         rows.append({"seed": seed, "arm": arm, "model": f"M{t}", **evaluate(setup, engine, params, seed)})
     rows[-1]["wall_s"] = time.time() - start
@@ -161,10 +170,11 @@ def main(argv):
     root = pathlib.Path(_WORKDIR.value)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for seed in map(int, _SEEDS.value):
-        for arm in _ARMS.value:
-            if arm not in ARMS:
-                raise ValueError(f"unknown arm {arm!r}; known: {ARMS}")
+    unknown = set(_ARMS.value) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; known: {ARMS}")
+    for arm in _ARMS.value:  # every seed of an arm before the next arm: the method first
+        for seed in map(int, _SEEDS.value):
             rows += run_arm(config, arm, seed, root)
             write_results(rows, root)
             print(json.dumps(rows[-1]), flush=True)

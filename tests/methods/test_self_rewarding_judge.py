@@ -197,9 +197,9 @@ def test_dpo_with_policy_equal_to_reference_is_ln2():
                      "rejected_mask": np.array([0] * len(prompt) + [1] * len(r))})
     batch = collate_pairs(rows, pad_id=tok.pad_id)
     logits_fn = lambda p, t, pos, seg: llama.forward(cfg, p, t, pos, seg)  # noqa: E731
-    batch.update(jax.device_get(make_reference_logps(logits_fn)(params, batch)))
-    terms, aux = make_preference_loss(logits_fn, PreferenceConfig(kind="dpo", beta=0.1, nll_weight=0.0))(
-        params, batch, None)
+    batch.update(jax.device_get(jax.jit(make_reference_logps(logits_fn))(params, batch)))
+    loss_fn = make_preference_loss(logits_fn, PreferenceConfig(kind="dpo", beta=0.1, nll_weight=0.0))
+    terms, _ = jax.jit(loss_fn)(params, batch, None)
     assert set(terms) == {"prefer"}
     num, den = terms["prefer"]
     assert float(num / den) == pytest.approx(math.log(2.0), abs=1e-6)

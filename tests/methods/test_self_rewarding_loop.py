@@ -78,6 +78,32 @@ def test_prompt_longer_than_context_and_zero_pairs(tmp_path):
     assert err.value.stats.tie_rate == 1.0 and err.value.stats.pairs_out == 0
 
 
+def test_iteration_with_a_rubric_reward_trains_on_its_pairs(tmp_path):
+    """The iteration's plumbing without a trained judge: candidates → rubric scores → pairs → DPO."""
+    params = llama.init_params(MODEL, jax.random.key(3))
+    prompts = ["rev abc", "add 1 2", "up abcd", "sort dcba"]
+    seen = {}
+
+    def rubric(ps, cands):
+        seen["candidates"] = cands
+        return np.asarray([[ins.rubric_score(TASK, p, c) for c in cs] for p, cs in zip(ps, cands)], float)
+
+    cfg = _config()
+    new, report = loop.run_iteration(MODEL, params, TOK, prompts, cfg, iteration=2, workdir=tmp_path,
+                                     reward_fn=rubric, devices=ONE_DEVICE)
+    scores = rubric(prompts, seen["candidates"])
+    assert all(len(c) == cfg.num_candidates for c in seen["candidates"])
+    want_pairs = sum(s.max() > s.min() for s in scores)
+    assert report.pairs.pairs_out == want_pairs >= 1
+    assert report.pairs.tie_rate == pytest.approx(1 - want_pairs / 4)
+    assert report.pairs.score_histogram == tuple(np.bincount(scores.astype(int).ravel(), minlength=6))
+    assert np.isnan(report.judge_parse_failure_rate)  # no judge ran
+    assert report.mean_candidate_len == pytest.approx(np.mean([len(c) for cs in seen["candidates"] for c in cs]))
+    assert report.dpo_first_loss == pytest.approx(math.log(2.0), abs=1e-6)
+    assert len((tmp_path / "pairs.jsonl").read_text().splitlines()) == want_pairs
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(jax.device_get(params))))
+
+
 @pytest.mark.slow  # trains M1 (150 SFT steps) before the iteration
 def test_run_sft_then_one_self_rewarding_iteration_and_resume(tmp_path):
     splits = ins.split_prompts(TASK, {"ift": 200, "eft": 200}, seed=0)
@@ -101,3 +127,22 @@ def test_run_sft_then_one_self_rewarding_iteration_and_resume(tmp_path):
     again = loop.run(MODEL, params0, TOK, sft, gen, dataclasses.replace(cfg), tmp_path, devices=ONE_DEVICE,
                      verbose=False)
     assert again == reports  # resumed: nothing recomputed
+
+
+@pytest.mark.slow  # subprocess
+def test_launcher_trains_m1_and_rejects_a_misspelt_field(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    args = [sys.executable, "-m", "launch.self_rewarding", "--config=experiments/self_rewarding/config.py",
+            f"--workdir={tmp_path}", "--config.sft.steps=3", "--config.sft.batch_size=4", "--config.task.ift=8",
+            "--config.task.eft=8", "--config.loop.iterations=0"]
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "M1" / "config.json").exists()
+    bad = subprocess.run(args + ["--config.loop.num_candidate=3"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "num_candidate" in bad.stderr
