@@ -7,14 +7,18 @@ on IFT ∪ EFT) → M2 → M3 (self-judged pairs, DPO β 0.1 with π_ref = M_t).
 The config is `jaxllm.methods.self_rewarding.toy.config_dict()` plus `init_model`: a model directory,
 HF folder or fit workdir whose params are M0 ("" = random init). Each M_t is saved as a model
 directory `workdir/M{t}` with `report.json` (pair statistics, parse-failure and tie rates, score
-histogram, lengths); running again with the same workdir continues after the newest saved model.
+histogram, lengths); running again with the same workdir continues after the newest saved model
+(and inside a training stage from its checkpoint: on SIGTERM the run saves one and exits 143).
 All logic lives in `jaxllm.methods.self_rewarding`.
 """
+import signal
+import sys
+
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxllm.methods.self_rewarding import loop, toy
+from jaxllm.methods.self_rewarding import loop, toy, training
 from jaxllm.model import llama
 from jaxllm.train import model_dir
 from launch import common
@@ -37,8 +41,13 @@ def main(argv):
         params0 = llama.init_params(setup.model, jax.random.key(config["seed"]))
     print(f"{len(setup.sft_examples)} SFT examples; {setup.cfg.iterations} iterations of "
           f"{setup.cfg.prompts_per_iteration} prompts", flush=True)
-    for report in loop.run(setup.model, params0, setup.tokenizer, setup.sft_examples, setup.prompt_source, setup.cfg,
-                           _WORKDIR.value):
+    try:
+        reports = loop.run(setup.model, params0, setup.tokenizer, setup.sft_examples, setup.prompt_source, setup.cfg,
+                           _WORKDIR.value)
+    except training.Preempted as e:
+        print(e, flush=True)
+        sys.exit(128 + signal.SIGTERM)
+    for report in reports:
         print(report, flush=True)
 
 

@@ -78,6 +78,17 @@ def test_prompt_longer_than_context_and_zero_pairs(tmp_path):
     assert err.value.stats.tie_rate == 1.0 and err.value.stats.pairs_out == 0
 
 
+def test_preempted_sft_saves_no_model(tmp_path, monkeypatch):
+    import types
+    fake = types.SimpleNamespace(state=types.SimpleNamespace(step=3), preempted=True, losses={}, history=[])
+    monkeypatch.setattr(training, "fit", lambda *a, **k: fake)
+    params0 = llama.init_params(MODEL, jax.random.key(4))
+    with pytest.raises(training.Preempted, match="SIGTERM at step 3 of 150"):
+        loop.run(MODEL, params0, TOK, [("rev abc", "cba")], lambda t, n: ["rev abc"], _config(), tmp_path,
+                 devices=ONE_DEVICE, verbose=False)
+    assert not (tmp_path / "M1").exists()
+
+
 def test_iteration_with_a_rubric_reward_trains_on_its_pairs(tmp_path):
     """The iteration's plumbing without a trained judge: candidates → rubric scores → pairs → DPO."""
     params = llama.init_params(MODEL, jax.random.key(3))

@@ -92,17 +92,26 @@ def _loop_config(stage: StageConfig, seed: int, schedule) -> LoopConfig:
                       tokens_per_step=stage.batch_size * stage.seq_len, verbose=False)
 
 
+class Preempted(RuntimeError):
+    """SIGTERM stopped a training stage; its checkpoint is saved and a rerun continues it. Raised so
+    that a half-trained model is never saved as the stage's result."""
+
+
 def _fit(model_cfg, loss_fn, params, rows, stage: StageConfig, seed: int, workdir, devices) -> tuple[dict, FitResult]:
     optimizer, schedule = optim.make_optimizer(stage.optimizer, stage.steps)
     batches = PairBatches(rows, min(stage.batch_size, len(rows["chosen_tokens"])), seed)
     result = fit(loss_fn, optimizer, batches, llama.box_params(model_cfg, params), workdir,
                  _loop_config(stage, seed, schedule), devices=devices)
+    if result.preempted:
+        raise Preempted(f"SIGTERM at step {int(result.state.step)} of {stage.steps}: checkpoint saved in {workdir}; "
+                        "run again to continue")
     return hooks.host_params(result.state.params), result
 
 
 def train_sft(model_cfg: llama.LlamaConfig, params, rows: dict[str, np.ndarray], stage: StageConfig, *,
               seed: int, workdir: str | os.PathLike, devices=None) -> tuple[dict, FitResult]:
-    """SFT of `params` on `sft_arrays` rows through `fit`; returns (host params, FitResult)."""
+    """SFT of `params` on `sft_arrays` rows through `fit`; returns (host params, FitResult). Raises
+    `Preempted` when SIGTERM stopped it (as `train_dpo`)."""
     return _fit(model_cfg, chosen_nll_loss(logits_fn(model_cfg)), params, rows, stage, seed, workdir, devices)
 
 
