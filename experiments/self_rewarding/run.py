@@ -13,6 +13,7 @@ accuracy and mean rubric score on the held-out test prompts, mean response lengt
 pairwise accuracy on held-out (prompt, responses) sets ranked by the rubric (a judge tie or an
 unparseable score counts as wrong). Writes results.json, results.md and PNGs into the workdir.
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -36,6 +37,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/self_rewarding/
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxllm_sr_exp", "Models and results go here.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _ARMS = flags.DEFINE_list("arms", ["self", "oracle", "positive_sft", "ift_only"], "Arms to run.")
+_MERGE = flags.DEFINE_list("merge", [], "Only merge the results.json of these workdirs (runs of other seeds, "
+                           "e.g. in parallel processes) into --workdir's results.md and PNGs.")
 ARMS = ("self", "oracle", "positive_sft", "ift_only")
 PAPER = {"AlpacaEval 2.0 win rate (%)": {"M1": 9.94, "M2": 15.38, "M3": 20.44},
          "judge pairwise accuracy (%)": {"SFT": 65.1, "M1": 78.7, "M2": 80.4, "M3": 81.7}}
@@ -104,7 +107,7 @@ def run_arm(config: dict, arm: str, seed: int, root: pathlib.Path) -> list[dict]
     start = time.time()
     if not (shared_m1 / model_dir.CONFIG_FILE).exists():  # one M1 per (seed, data), shared by the arms
         loop.run(setup.model, params0, setup.tokenizer, setup.sft_examples, setup.prompt_source,
-                 loop.dataclasses.replace(setup.cfg, iterations=0), shared_m1.parent / f"_{shared_m1.name}")
+                 dataclasses.replace(setup.cfg, iterations=0), shared_m1.parent / f"_{shared_m1.name}")
         shutil.copytree(shared_m1.parent / f"_{shared_m1.name}" / "M1", shared_m1)
     if not (workdir / "M1").exists():
         shutil.copytree(shared_m1, workdir / "M1")
@@ -169,6 +172,10 @@ def main(argv):
     config.pop("init_model", None)
     root = pathlib.Path(_WORKDIR.value)
     root.mkdir(parents=True, exist_ok=True)
+    if _MERGE.value:
+        rows = [r for d in _MERGE.value for r in json.loads((pathlib.Path(d) / "results.json").read_text())]
+        write_results(rows, root)
+        return
     rows = []
     unknown = set(_ARMS.value) - set(ARMS)
     if unknown:
