@@ -20,8 +20,9 @@ from jaxllm.model import llama, presets
 from jaxllm.train import optim
 
 
-def config_dict(**overrides) -> ml_collections.ConfigDict:
-    """Every field of a toy self-rewarding run, with defaults sized for a few CPU minutes."""
+def config_dict(overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """Every field of a toy self-rewarding run with its default, then `overrides` as flattened
+    names ({"loop.iterations": 1})."""
     d = {
         "model": {"preset": "tiny", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 192,
                   "max_len": 128},
@@ -36,7 +37,9 @@ def config_dict(**overrides) -> ml_collections.ConfigDict:
         "seed": 0,
     }
     config = ml_collections.ConfigDict(d)
-    config.update_from_flattened_dict(overrides)
+    config.lock()  # a misspelt override fails
+    config.update_from_flattened_dict(dict(overrides or {}))
+    config.unlock()
     return config
 
 
