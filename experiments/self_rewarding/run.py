@@ -150,6 +150,25 @@ def write_results(rows: list[dict], root: pathlib.Path) -> None:
             sel = [r for r in rows if r["arm"] == arm and r["model"] == m]
             cells = [f"{np.mean([r[k] for r in sel]):.3f} ± {np.std([r[k] for r in sel]):.3f}" for k in metrics]
             lines.append(f"| {arm} | {m} | {len(sel)} | " + " | ".join(cells) + " |")
+    lines += ["", "| arm | iteration | seeds | pairs / prompts | tie rate | candidates without valid score | "
+              "judge samples unparsed | score histogram 0..5 (sum over seeds) | chosen / rejected length | "
+              "DPO loss first → last |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        its = [it for r in rows if r["arm"] == arm for it in r.get("iterations", [])]
+        for t in sorted({it["iteration"] for it in its}):
+            sel = [it for it in its if it["iteration"] == t]
+            mean = lambda f: float(np.nanmean([f(it) for it in sel]))  # noqa: E731
+            hist = np.sum([it["pairs"]["score_histogram"] for it in sel], axis=0).tolist()
+            lines.append(
+                f"| {arm} | {t} | {len(sel)} | {mean(lambda i: i['pairs']['pairs_out']):.1f} / "
+                f"{mean(lambda i: i['pairs']['prompts_in']):.0f} | {mean(lambda i: i['pairs']['tie_rate']):.3f} | "
+                f"{mean(lambda i: i['pairs']['invalid_rate']):.3f} | {mean(lambda i: i['judge_parse_failure_rate']):.3f} | "
+                f"{hist} | {mean(lambda i: i['pairs']['mean_chosen_len']):.2f} / "
+                f"{mean(lambda i: i['pairs']['mean_rejected_len']):.2f} | {mean(lambda i: i['dpo_first_loss']):.4f} → "
+                f"{mean(lambda i: i['dpo_last_loss']):.4f} |")
+    stopped = [f"{r['arm']} seed {r['seed']}: {r['stopped']}" for r in rows if "stopped" in r]
+    if stopped:
+        lines += ["", "Stopped arms:", *[f"- {s}" for s in stopped]]
     (root / "results.md").write_text("\n".join(lines) + "\n")
     for metric in ("accuracy", "judge_pairwise_accuracy"):
         plt.figure(figsize=(5, 3.5))
