@@ -22,7 +22,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.data.tasks import instructions as ins
@@ -209,4 +209,4 @@ def main(argv):
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    app.run(main)
+    common.run(main)

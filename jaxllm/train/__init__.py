@@ -3,7 +3,7 @@
     state.py       TrainState, init_state
     step.py        make_train_step(loss_fn, optimizer, mesh, grad_accum=...)
     optim.py       OptimizerConfig, make_optimizer (AdamW + warmup/cosine + clipping)
-    config.py      TrainConfig, DataConfig, config_dict (ml_collections bridge)
+    config.py      TrainConfig, DataConfig, config_dict (through the one bridge, jaxllm.configs)
     lm.py          lm_loss_fn (packed-batch NLL)
     mfu.py         peak FLOP/s of the devices (the MFU denominator)
     checkpoint.py  Checkpointer (orbax, verified restore with fallback)
@@ -12,6 +12,8 @@
                    -> FitResult: the one training loop every method calls
     hooks.py       fit hooks: sample_hook (end-of-training sample through jaxllm.serve.Engine)
     pretrain.py    pretrain(TrainConfig, workdir): the pre-training caller of fit
+    finetune.py    finetune(loss_fn, model, rows, ...): the fine-tuning caller of fit (SFT, DPO/CPO, ChatQA,
+                   context extension)
     aot.py         ahead-of-time compilation of the step for TPU topologies
 
 The names below are importable from `jaxllm.train` directly; they load on first use, so importing

@@ -80,6 +80,25 @@ DIALOGUE = Dialogue(doc_id=0, turns=(
     _turn("How does gamma sort?", "Gamma sorts the records by key.", 2)))
 
 
+def test_fit_sft_first_loss_is_the_answer_token_nll(tok, tmp_path):
+    """One SFT stage through the one loop: step 1's loss is the float64 token-mean NLL of the answer
+    tokens (and </s>) of the whole batch under the starting params, prompts unscored."""
+    cfg = presets.get("tiny", vocab_size=tok.vocab_size, max_len=256)
+    examples = [dataclasses.replace(EXAMPLE, answer=a) for a in ("Old items drop.", "Bounded deques drop old items.",
+                                                                 "It drops items.", "maxlen bounds the deque.")]
+    rows = chatqa.encode_examples(tok, examples, 256)
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(1)))
+    stage = chatqa.SFTConfig(steps=1, batch_size=4, max_len=256, log_every=1)
+    result = chatqa.fit_sft(cfg, rows, stage, tmp_path, params=params, devices=jax.devices()[:1], verbose=False)
+    logits = np.asarray(llama.forward(cfg, params, rows["tokens"]), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, rows["tokens"][:, 1:, None], axis=-1)[..., 0]
+    mask = rows["loss_mask"][:, 1:]
+    assert result.history[0]["loss"] == pytest.approx(-(picked * mask).sum() / mask.sum(), rel=1e-5)
+    assert int(result.state.step) == 1 and not result.preempted
+
+
 def test_context_examples_refusals_and_gold_context(tok):
     items = chatqa_retriever.dialogue_turns([DIALOGUE])
     ranked = np.asarray([[1, 0, 3, 2], [1, 3, 0, 2], [3, 1, 0, 2]])
@@ -97,7 +116,7 @@ def test_context_examples_refusals_and_gold_context(tok):
     assert CHUNKS[2] not in synthetic[2].context
 
     rows = chatqa.encode_examples(tok, synthetic, max_len=256)
-    tokens, mask = rows["chosen_tokens"], rows["chosen_mask"]
+    tokens, mask = rows["tokens"], rows["loss_mask"]
     assert tokens.shape[1] % 16 == 0 and tokens.shape[1] <= 256
     for i in range(3):
         assert tokens[i][mask[i] == 1].tolist() == tok.encode(REFUSAL) + [tok.eos_id]
@@ -184,13 +203,13 @@ TOY_PAIRS = [chatqa_retriever.RetrievalPair(f"user: and what does it do?\nuser: 
 
 
 @pytest.mark.parametrize("train_context_tower", [True, False])
-def test_retriever_finetuning_lowers_infonce(tiny_encoder, train_context_tower):
+def test_retriever_finetuning_lowers_infonce(tiny_encoder, train_context_tower, tmp_path):
     cfg = chatqa_retriever.RetrieverConfig(steps=12, batch_size=8, hard_negatives=1, temperature=0.1, max_query_len=24,
                                  max_context_len=24, train_context_tower=train_context_tower, log_every=4,
                                  optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0, weight_decay=0.0))
     batch = retrieval.make_batch(tiny_encoder, [p.query for p in TOY_PAIRS], [c.text for c in TOY_CHUNKS],
                                  [c.chunk_id for c in TOY_CHUNKS], max_query_len=24, max_context_len=24)
-    fit = chatqa_retriever.fit_retriever(tiny_encoder, TOY_PAIRS, TOY_CHUNKS, cfg, verbose=False)
+    fit = chatqa_retriever.fit_retriever(tiny_encoder, TOY_PAIRS, TOY_CHUNKS, cfg, tmp_path, verbose=False)
     loss_fn = retrieval.contrastive_loss_fn(fit.dual, temperature=0.1)
     start = retrieval.dual_from_encoder(tiny_encoder)[1]
     before = float(loss_fn(start, batch, None)[0])
@@ -266,5 +285,5 @@ def test_config_round_trip_and_errors():
     assert chatqa.from_dict(d.to_dict()).model.d_model == 96
     with pytest.raises(ValueError, match="retriever.stepz"):
         chatqa.config_dict(model={"preset": "tiny"}, retriever={"stepz": 1})
-    with pytest.raises(ValueError, match="unknown config sections"):
+    with pytest.raises(ValueError, match=r"unknown config fields \['retreiver'\]"):
         chatqa.config_dict(model={"preset": "tiny"}, retreiver={})

@@ -81,7 +81,7 @@ def test_prompt_longer_than_context_and_zero_pairs(tmp_path):
 def test_preempted_sft_saves_no_model(tmp_path, monkeypatch):
     import types
     fake = types.SimpleNamespace(state=types.SimpleNamespace(step=3), preempted=True, losses={}, history=[])
-    monkeypatch.setattr(training, "fit", lambda *a, **k: fake)
+    monkeypatch.setattr(training.preference, "fit_preference", lambda *a, **k: fake)
     params0 = llama.init_params(MODEL, jax.random.key(4))
     with pytest.raises(training.Preempted, match="SIGTERM at step 3 of 150"):
         loop.run(MODEL, params0, TOK, [("rev abc", "cba")], lambda t, n: ["rev abc"], _config(), tmp_path,

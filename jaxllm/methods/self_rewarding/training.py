@@ -1,28 +1,29 @@
-"""The two trainings of Self-Rewarding (arXiv 2401.10020 §2.2–2.3) as calls of the one loop,
-`jaxllm.train.fit`: joint SFT on IFT ∪ EFT (M0 → M1) and DPO on AI-feedback pairs (M_t → M_{t+1}).
+"""The two trainings of Self-Rewarding (arXiv 2401.10020 §2.2–2.3) as calls of the preference
+trainer (`jaxllm.methods.preference.fit_preference`, one loop): joint SFT on IFT ∪ EFT (M0 → M1)
+and DPO on AI-feedback pairs (M_t → M_{t+1}).
 
-Rows are chat-templated token ids (`tokenizer.apply_chat`): SFT rows are a user turn and the
-assistant's target, scored on the target and its EOS; pair rows share the prompt (user turn +
-assistant header) and score each response and its EOS. SFT is the token-mean NLL of the target
-tokens (`jaxllm.methods.preference.chosen_nll_loss` on the "chosen" keys); DPO is
-`jaxllm.objectives.preference` with summed, shifted, masked response log-probs and the frozen
-reference's log-probs computed once, before the first step, from the params the call starts from.
+Rows are chat-templated token ids (`tokenizer.apply_chat`): SFT rows (`tokens`, `loss_mask`) are a
+user turn and the assistant's target, scored on the target and its EOS (`jaxllm.objectives.sft`);
+pair rows share the prompt (user turn + assistant header) and score each response and its EOS. DPO
+is `jaxllm.objectives.preference` with summed, shifted, masked response log-probs and the frozen
+reference's log-probs computed once, before the first step, from the params the call starts from
+(stored in the stage's workdir, so a resumed stage reuses them).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from jaxllm.data.preference import collate_pairs
-from jaxllm.methods.preference import PairBatches, chosen_nll_loss, logits_fn, reference_logps
+from jaxllm.methods import preference
 from jaxllm.model import llama
-from jaxllm.objectives.preference import PreferenceConfig, make_preference_loss
+from jaxllm.objectives.preference import PreferenceConfig
 from jaxllm.train import hooks, optim
-from jaxllm.train.loop import FitResult, LoopConfig, fit
+from jaxllm.train.loop import FitResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,13 @@ def _pad(rows: Sequence[Sequence[int]], length: int, pad_id: int, what: str) -> 
 
 
 def sft_arrays(tokenizer, examples: Sequence[tuple[str, str]], seq_len: int) -> dict[str, np.ndarray]:
-    """(user text, assistant target) examples → {"chosen_tokens", "chosen_mask"} [N, seq_len]."""
+    """(user text, assistant target) examples → SFT rows {"tokens", "loss_mask"} [N, seq_len]."""
     if not examples:
         raise ValueError("no SFT examples")
     chats = [tokenizer.apply_chat([{"role": "user", "content": p}, {"role": "assistant", "content": t}])
              for p, t in examples]
-    return {"chosen_tokens": _pad([ids for ids, _ in chats], seq_len, tokenizer.pad_id, "SFT example"),
-            "chosen_mask": _pad([mask for _, mask in chats], seq_len, 0, "SFT example")}
+    return {"tokens": _pad([ids for ids, _ in chats], seq_len, tokenizer.pad_id, "SFT example"),
+            "loss_mask": _pad([mask for _, mask in chats], seq_len, 0, "SFT example")}
 
 
 def pair_arrays(tokenizer, triplets: Sequence[tuple[str, str, str]], seq_len: int) -> dict[str, np.ndarray]:
@@ -86,22 +87,19 @@ def pair_arrays(tokenizer, triplets: Sequence[tuple[str, str, str]], seq_len: in
     return collate_pairs(rows, pad_id=tokenizer.pad_id, length=seq_len)
 
 
-def _loop_config(stage: StageConfig, seed: int, schedule) -> LoopConfig:
-    return LoopConfig(steps=stage.steps, seed=seed, mesh=stage.mesh, log_every=stage.log_every,
-                      checkpoint_every=stage.checkpoint_every, keep_checkpoints=1, learning_rate=schedule,
-                      tokens_per_step=stage.batch_size * stage.seq_len, verbose=False)
-
-
 class Preempted(RuntimeError):
     """SIGTERM stopped a training stage; its checkpoint is saved and a rerun continues it. Raised so
     that a half-trained model is never saved as the stage's result."""
 
 
-def _fit(model_cfg, loss_fn, params, rows, stage: StageConfig, seed: int, workdir, devices) -> tuple[dict, FitResult]:
-    optimizer, schedule = optim.make_optimizer(stage.optimizer, stage.steps)
-    batches = PairBatches(rows, min(stage.batch_size, len(rows["chosen_tokens"])), seed)
-    result = fit(loss_fn, optimizer, batches, llama.box_params(model_cfg, params), workdir,
-                 _loop_config(stage, seed, schedule), devices=devices)
+def _fit(model_cfg, objective, params, rows, stage: StageConfig, seed: int, workdir, devices) -> tuple[dict, FitResult]:
+    """`stage` as a `PreferenceTrainConfig` (`objective` None: SFT) run from `params` on `rows`."""
+    num_rows = len(rows["tokens" if objective is None else "chosen_tokens"])
+    cfg = preference.PreferenceTrainConfig(
+        model=model_cfg, objective=objective, optimizer=stage.optimizer, steps=stage.steps,
+        batch_size=min(stage.batch_size, num_rows), checkpoint_every=stage.checkpoint_every, keep_checkpoints=1,
+        log_every=stage.log_every, seed=seed, mesh=stage.mesh)
+    result = preference.fit_preference(cfg, rows, workdir, params=params, devices=devices, verbose=False)
     if result.preempted:
         raise Preempted(f"SIGTERM at step {int(result.state.step)} of {stage.steps}: checkpoint saved in {workdir}; "
                         "run again to continue")
@@ -110,21 +108,20 @@ def _fit(model_cfg, loss_fn, params, rows, stage: StageConfig, seed: int, workdi
 
 def train_sft(model_cfg: llama.LlamaConfig, params, rows: dict[str, np.ndarray], stage: StageConfig, *,
               seed: int, workdir: str | os.PathLike, devices=None) -> tuple[dict, FitResult]:
-    """SFT of `params` on `sft_arrays` rows through `fit`; returns (host params, FitResult). Raises
-    `Preempted` when SIGTERM stopped it (as `train_dpo`)."""
-    return _fit(model_cfg, chosen_nll_loss(logits_fn(model_cfg)), params, rows, stage, seed, workdir, devices)
+    """SFT of `params` on `sft_arrays` rows; returns (host params, FitResult). Raises `Preempted`
+    when SIGTERM stopped it (as `train_dpo`)."""
+    return _fit(model_cfg, None, params, rows, stage, seed, workdir, devices)
 
 
 def train_dpo(model_cfg: llama.LlamaConfig, params, rows: dict[str, np.ndarray], stage: StageConfig,
               objective: PreferenceConfig, *, seed: int, workdir: str | os.PathLike,
               devices=None) -> tuple[dict, dict[str, np.ndarray], FitResult]:
-    """DPO from `params` with π_ref = `params` (snapshotted here: its summed response log-probs are
-    computed once, before training, and travel in the batches). Returns (host params, the rows
-    with their reference log-probs, FitResult)."""
+    """DPO from `params` with π_ref = `params` (its summed response log-probs are computed once,
+    before training, and travel in the batches). Returns (host params, the rows with their reference
+    log-probs, FitResult)."""
     if objective.kind != "dpo":
         raise ValueError(f"train_dpo needs a PreferenceConfig of kind 'dpo', got {objective.kind!r}")
-    reference = jax.device_get(params)
-    rows = {**rows, **reference_logps(model_cfg, reference, rows)}
-    loss_fn = make_preference_loss(logits_fn(model_cfg), objective)
-    new_params, result = _fit(model_cfg, loss_fn, params, rows, stage, seed, workdir, devices)
-    return new_params, rows, result
+    new_params, result = _fit(model_cfg, objective, params, rows, stage, seed, workdir, devices)
+    stored = np.load(pathlib.Path(workdir) / preference.REFERENCE_FILE)
+    return new_params, {**rows, "ref_chosen_logps": stored["ref_chosen_logps"],
+                        "ref_rejected_logps": stored["ref_rejected_logps"]}, result
