@@ -3,7 +3,7 @@ pairs it ranks itself (DESIGN.md, loop seam).
 
     judging.py judge prompt templates (`templates/`), `parse_score`, `judge` through the Engine
     pairs.py   `build_pairs`: best vs worst candidate per prompt, with tie / parse statistics
-    training.py  joint SFT and DPO (π_ref = the starting params) as calls of `jaxllm.train.fit`
+    training.py  joint SFT and DPO (π_ref = the starting params) through `preference.fit_preference`
     loop.py    `run_iteration` (M_t → M_{t+1}), `run` (M0 → M1 → ... resumable), `IterationReport`
     toy.py     the toy instruction task run from a config (launcher and experiment)
 """

@@ -4,9 +4,9 @@ judges them (`judging.judge`) → best-vs-worst pairs (`pairs.build_pairs`) → 
 π_ref = M_t snapshotted at the start of the iteration → M_{t+1}. The paper stops at M3.
 
 All sampling goes through one `jaxllm.serve.Engine` whose weights are swapped per model; all
-training through `jaxllm.train.fit` (`training`). `run` saves every M_t as a model directory
-(`jaxllm.train.model_dir`) with its `IterationReport`, and a rerun continues after the last
-saved model. The prompt source is pluggable (`prompt_source(iteration, n) -> prompts`), e.g.
+training through `jaxllm.methods.preference.fit_preference` on the one loop (`training`). `run`
+saves every M_t as a model directory (`jaxllm.train.model_dir`) with its `IterationReport`, and a
+rerun continues after the last saved model. The prompt source is pluggable (`prompt_source(iteration, n) -> prompts`), e.g.
 `jaxllm.data.tasks.instructions.PromptGenerator`; the trained model never writes its prompts.
 `reward_fn(prompts, candidates) -> scores [P, N]` replaces the model's own judge (e.g. the
 oracle-reward control); by default the model judges itself.

@@ -14,9 +14,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jaxllm import configs
 from jaxllm.data.tasks import instructions as ins
 from jaxllm.methods.self_rewarding import judging, loop, training
-from jaxllm.model import llama, presets
+from jaxllm.model import llama
 from jaxllm.train import optim
 
 
@@ -66,8 +67,7 @@ def build(config: Mapping[str, Any]) -> ToySetup:
     """The toy run `config` (shaped like `config_dict()`) describes."""
     config = dict(config)
     tokenizer, task = ins.CharTokenizer(), ins.InstructionTask()
-    model = dict(config["model"])
-    model_cfg = presets.get(model.pop("preset"), vocab_size=tokenizer.vocab_size, **model)
+    model_cfg = configs.model_from_dict({**config["model"], "vocab_size": tokenizer.vocab_size})
     t, j, lp = config["task"], config["judge"], config["loop"]
     judge = judging.JudgeConfig(template=judging.load_template(j["template"]), num_samples=j["num_samples"],
                                 temperature=j["temperature"], top_p=j["top_p"], max_new_tokens=j["max_new_tokens"])
