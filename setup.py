@@ -19,7 +19,7 @@ setuptools.setup(
     version="0.1.0",
     description="Llama-family models, training, serving and paper methods in JAX/Flax",
     packages=setuptools.find_packages(include=["jaxllm", "jaxllm.*"]),
-    package_data={"jaxllm": ["assets/*"]},
+    package_data={"jaxllm": ["assets/*", "methods/templates/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",
