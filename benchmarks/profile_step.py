@@ -79,7 +79,7 @@ def main(argv):
     commit = median_time(commit_once, reps)
 
     T, S = plan.batch.tokens_T.shape[0], plan.batch.context_len_S.shape[0]
-    D, H, G, K, F, V, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+    D, H, G, K, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     key = jax.random.key(1)
     x_TD = jax.random.normal(key, (T, D))
     q_THK, k_TGK = jax.random.normal(key, (T, H, K)), jax.random.normal(key, (T, G, K))
@@ -116,9 +116,9 @@ def main(argv):
     pieces = {"attention (all layers)": attention, "matmuls q/k/v/o + MLP (all layers)": matmul,
               "LM head": lm_head, "sampling": sampling}
     print(f"model {_MODEL.value} ({cfg.num_params():,} params), {B} decodes at context {C}: pass T={T}, S={S}, "
-          f"table width {plan.batch.block_tables_SN.shape[1]} blocks; {_CLOCK.value} time, medians of {reps}; "
+          f"table width {plan.batch.block_tables_SW.shape[1]} blocks; {_CLOCK.value} time, medians of {reps}; "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"| part | ms | share of Engine.step |\n|---|---|---|")
+    print("| part | ms | share of Engine.step |\n|---|---|---|")
     print(f"| Engine.step total | {step_total * 1e3:.2f} | 100% |")
     for name, t in [("compiled step (_device_step)", device), ("K/V write (commit)", commit),
                     ("host (rest of Engine.step)", step_total - device - commit)]:

@@ -7,10 +7,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a described topology needs no local chip
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from jaxllm.model import presets  # noqa: E402
 from jaxllm.train import aot  # noqa: E402
+from launch import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "tiny", "model preset name")
@@ -34,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -28,7 +28,7 @@ import warnings
 
 import jax
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.data.tasks import conv_qa
@@ -137,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

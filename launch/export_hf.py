@@ -10,7 +10,7 @@ same logits, and the source's tokenizer (`--tokenizer` overrides it: a tokenizer
 (entropy-aware ABF) is kept under `jaxllm_logit_scale`: jaxllm restores it, transformers ignores it
 and runs the model as plain ABF (identical up to the pretrained window).
 """
-from absl import app, flags
+from absl import flags
 
 from jaxllm import model as model_format
 from jaxllm.data import tokenizer as tokenizer_lib
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -18,13 +18,13 @@ import json
 import pathlib
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm import configs
 from jaxllm.data.tasks import arith
 from jaxllm.methods import reft, reft_sft
-from jaxllm.train import model_dir
+from jaxllm.model import model_dir
 from launch import common
 
 STAGES = ("sft", "reft", "eval")
@@ -80,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

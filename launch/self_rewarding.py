@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from jaxllm.methods.self_rewarding import loop, toy, training
 from jaxllm.model import llama
-from jaxllm.train import model_dir
+from jaxllm.model import model_dir
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Self-rewarding config file (get_config()).", lock_config=True)
@@ -34,7 +34,7 @@ def main(argv):
     init_model = config.pop("init_model", "")
     setup = toy.build(config)
     if init_model:
-        model_cfg, params0 = model_dir.load_model(init_model, config["model"])
+        model_cfg, params0 = model_dir.load_model(init_model)
         if model_cfg != setup.model:
             raise ValueError(f"{init_model} holds {model_cfg}, the config asks for {setup.model}")
     else:

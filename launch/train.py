@@ -13,7 +13,7 @@ a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.
 import signal
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.train import config as config_lib
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

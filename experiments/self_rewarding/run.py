@@ -29,7 +29,7 @@ from jaxllm.data.tasks import instructions as ins
 from jaxllm.methods.self_rewarding import judging, loop, toy, training
 from jaxllm.model import llama
 from jaxllm.serve.sampling import SamplingParams
-from jaxllm.train import model_dir
+from jaxllm.model import model_dir
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/self_rewarding/config.py", "Config file.",

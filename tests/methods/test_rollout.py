@@ -1,5 +1,4 @@
 """Rollouts: the engine's per-token log-probs equal the training forward's on packed rows."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

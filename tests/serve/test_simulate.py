@@ -1,6 +1,5 @@
 """Discrete-event simulation of the scheduler and the roofline pass cost, against hand-computed
 schedules and costs; serving metrics against pandas' EMA."""
-import dataclasses
 
 import numpy as np
 import pandas as pd

@@ -5,7 +5,7 @@ judges them (`judging.judge`) → best-vs-worst pairs (`pairs.build_pairs`) → 
 
 All sampling goes through one `jaxllm.serve.Engine` whose weights are swapped per model; all
 training through `jaxllm.methods.preference.fit_preference` on the one loop (`training`). `run`
-saves every M_t as a model directory (`jaxllm.train.model_dir`) with its `IterationReport`, and a
+saves every M_t as a model directory (`jaxllm.model.model_dir`) with its `IterationReport`, and a
 rerun continues after the last saved model. The prompt source is pluggable (`prompt_source(iteration, n) -> prompts`), e.g.
 `jaxllm.data.tasks.instructions.PromptGenerator`; the trained model never writes its prompts.
 `reward_fn(prompts, candidates) -> scores [P, N]` replaces the model's own judge (e.g. the
@@ -29,7 +29,7 @@ from jaxllm.model import llama
 from jaxllm.objectives.preference import PreferenceConfig
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
-from jaxllm.train import model_dir
+from jaxllm.model import model_dir
 
 RewardFn = Callable[[Sequence[str], Sequence[Sequence[str]]], np.ndarray]
 PromptSource = Callable[[int, int], Sequence[str]]
