@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.model.llama import Llama, LlamaConfig
+from jaxllm.serve import sharding
 from jaxllm.serve.cache import KVSpec, RaggedBatch, init_kv_pool
 from jaxllm.serve.paged_attention import AttentionFn, PagedKVCache, commit, paged_attention
 from jaxllm.serve.sampling import LogitsFn, SamplingParams, sample, sampling_rows
@@ -108,13 +109,17 @@ class Engine:
     request id; each `step()` runs one pass and returns its `TokenEvent`s; `completions(id)` hands
     over a finished request. Weights can be swapped between runs with `set_params` (which also
     drops the prefix cache, whose K/V belong to the old weights).
+
+    `mesh`: shard a `LlamaConfig` model's weights and KV pool over the mesh's `tensor` axis
+    (`jaxllm.serve.sharding`); the step runs under it.
     """
 
     def __init__(self, model: LlamaConfig | LogitsFn, params, *, token_budget: int = 256, block_size: int = 16,
                  num_blocks: int = 1024, max_seqs: int = 64, policy: str = "splitfuse", reserve: str = "prompt",
                  buckets: SequenceABC[int] | None = None, context_buckets: SequenceABC[int] | None = None,
                  prefix_caching: bool = True, max_model_len: int | None = None, kv_spec=None,
-                 vocab_size: int | None = None, attention: AttentionFn = paged_attention):
+                 vocab_size: int | None = None, attention: AttentionFn = paged_attention,
+                 mesh: jax.sharding.Mesh | None = None):
         if isinstance(model, LlamaConfig):
             if kv_spec is not None or vocab_size is not None:
                 raise ValueError("kv_spec and vocab_size come from the LlamaConfig; pass them only with a LogitsFn")
@@ -126,6 +131,11 @@ class Engine:
             logits_fn = model
         else:
             raise ValueError(f"model must be a LlamaConfig or a LogitsFn, got {type(model).__name__}")
+        if mesh is not None and not isinstance(model, LlamaConfig):
+            raise ValueError("an engine on a mesh needs the model as a LlamaConfig (its axis names say how to shard it)")
+        if mesh is not None:
+            sharding.check_mesh(model, mesh)
+        self.mesh, self._model_cfg = mesh, model
         specs, self._treedef = jax.tree.flatten(kv_spec)
         bad = [s for s in specs if not isinstance(s, KVSpec)]
         if bad or not specs:
@@ -141,13 +151,18 @@ class Engine:
             context_buckets=tuple(default_context_buckets(max_model_len) if context_buckets is None
                                   else context_buckets))
         self.scheduler = Scheduler(self.cfg)
-        self.params = params
+        self.params = self._place(params)
         self._logits_fn, self._attention = logits_fn, attention
         self._pools = tuple(init_kv_pool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim,
                                          jnp.dtype(s.dtype)) for s in specs)
+        pinned = {}
+        if mesh is not None:
+            self._pools = jax.device_put(self._pools, (sharding.pool_sharding(model, mesh),))
+            pinned = dict(out_shardings=(sharding.pool_sharding(model, mesh),))
+        self._context = sharding.step_context(model, mesh)
         self._step_fn = jax.jit(self._device_step)
         self._commit_fn = jax.jit(lambda pools, pending, slots: tuple(map(commit, pools, pending, slots)),
-                                  donate_argnums=(0,))
+                                  donate_argnums=(0,), **pinned)
         self._num_traces = 0
         self._next_request_id = 0
         self._streams: dict[int, _Streams] = {}
@@ -209,7 +224,10 @@ class Engine:
         if self.has_unfinished():
             raise ValueError("cannot change params while requests are in flight")
         self.reset_prefix_cache()
-        self.params = params
+        self.params = self._place(params)
+
+    def _place(self, params):
+        return params if self.mesh is None else sharding.shard_params(self._model_cfg, params, self.mesh)
 
     def _prepare(self, label, prompt, sampling):
         """Validated (scheduler tokens, prompt_key, streams) of one request; raises ValueError.
@@ -339,8 +357,9 @@ class Engine:
         self._num_traces += 1
         unflatten = lambda xs: jax.tree.unflatten(self._treedef, list(xs))  # noqa: E731
         caches = [PagedKVCache(pool, b, off, self._attention) for pool, b, off in zip(pools, batches, offsets)]
-        logits_SV, new_caches = self._logits_fn(params, unflatten(b.tokens_T for b in batches),
-                                                unflatten(b.positions_T for b in batches), unflatten(caches))
+        with self._context():
+            logits_SV, new_caches = self._logits_fn(params, unflatten(b.tokens_T for b in batches),
+                                                    unflatten(b.positions_T for b in batches), unflatten(caches))
         if logits_SV.shape[-1] != self.vocab_size:
             raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {self.vocab_size}")
         pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
