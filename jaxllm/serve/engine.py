@@ -352,16 +352,24 @@ class Engine:
         return tuple(batches), tuple(offsets)
 
     def _device_step(self, params, pools, batches: tuple[RaggedBatch, ...], offsets, rows):
-        """Jitted: the LogitsFn on one pass with every member's paged cache (pool read-only), then
-        sampling. Returns (tokens_S, logprobs_S, each member's pending K/V rows)."""
+        """Jitted: `device_step` of this engine's model, under its mesh when it has one."""
         self._num_traces += 1
-        unflatten = lambda xs: jax.tree.unflatten(self._treedef, list(xs))  # noqa: E731
-        caches = [PagedKVCache(pool, b, off, self._attention) for pool, b, off in zip(pools, batches, offsets)]
         with self._context():
-            logits_SV, new_caches = self._logits_fn(params, unflatten(b.tokens_T for b in batches),
-                                                    unflatten(b.positions_T for b in batches), unflatten(caches))
-        if logits_SV.shape[-1] != self.vocab_size:
-            raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {self.vocab_size}")
-        pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
-        tokens_S, logprobs_S = sample(logits_SV, rows)
-        return tokens_S, logprobs_S, pending
+            return device_step(self._logits_fn, self._attention, self._treedef, self.vocab_size, params, pools,
+                               batches, offsets, rows)
+
+
+def device_step(logits_fn: LogitsFn, attention: AttentionFn, treedef, vocab_size: int, params, pools,
+                batches: tuple[RaggedBatch, ...], offsets, rows):
+    """The engine's device program: the LogitsFn on one pass with every member's paged cache (pool
+    read-only; `treedef` arranges the members), then sampling. Returns (tokens_S, logprobs_S, each
+    member's pending K/V rows). Pure, so it also lowers ahead of time (`jaxllm.train.aot`)."""
+    unflatten = lambda xs: jax.tree.unflatten(treedef, list(xs))  # noqa: E731
+    caches = [PagedKVCache(pool, b, off, attention) for pool, b, off in zip(pools, batches, offsets)]
+    logits_SV, new_caches = logits_fn(params, unflatten(b.tokens_T for b in batches),
+                                      unflatten(b.positions_T for b in batches), unflatten(caches))
+    if logits_SV.shape[-1] != vocab_size:
+        raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {vocab_size}")
+    pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
+    tokens_S, logprobs_S = sample(logits_SV, rows)
+    return tokens_S, logprobs_S, pending

@@ -47,14 +47,18 @@ def engine_rules(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh) -> tuple:
     return rules_lib.mesh_rules(rules, mesh)
 
 
-def shard_params(cfg: llama.LlamaConfig, params, mesh: jax.sharding.Mesh):
-    """`params` placed on `mesh` by the engine's rules (ValueError naming a dimension that does not
-    divide)."""
+def param_shardings(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh):
+    """NamedShardings of the model's params under the engine's rules (ValueError naming a
+    dimension that does not divide)."""
     rules = engine_rules(cfg, mesh)
     with nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda r: llama.Llama(cfg).init(r, jnp.zeros((1, 8), jnp.int32)), jax.random.key(0))
-    shardings = rules_lib.param_shardings(boxed, mesh, rules)["params"]
-    return jax.device_put(params, shardings)
+    return rules_lib.param_shardings(boxed, mesh, rules)["params"]
+
+
+def shard_params(cfg: llama.LlamaConfig, params, mesh: jax.sharding.Mesh):
+    """`params` placed on `mesh` by the engine's rules."""
+    return jax.device_put(params, param_shardings(cfg, mesh))
 
 
 def pool_sharding(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh) -> KVPool:
