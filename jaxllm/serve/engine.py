@@ -365,7 +365,7 @@ def device_step(logits_fn: LogitsFn, attention: AttentionFn, treedef, vocab_size
     read-only; `treedef` arranges the members), then sampling. Returns (tokens_S, logprobs_S, each
     member's pending K/V rows). Pure, so it also lowers ahead of time (`jaxllm.train.aot`)."""
     unflatten = lambda xs: jax.tree.unflatten(treedef, list(xs))  # noqa: E731
-    caches = [PagedKVCache(pool, b, off, attention) for pool, b, off in zip(pools, batches, offsets)]
+    caches = [PagedKVCache(pool, b, off, attention=attention) for pool, b, off in zip(pools, batches, offsets)]
     logits_SV, new_caches = logits_fn(params, unflatten(b.tokens_T for b in batches),
                                       unflatten(b.positions_T for b in batches), unflatten(caches))
     if logits_SV.shape[-1] != vocab_size:
