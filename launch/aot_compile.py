@@ -20,7 +20,8 @@ flags.DEFINE_enum("job", "train", ["train", "serve"], "what to compile: the trai
 flags.DEFINE_string("model", "tiny", "model preset name")
 flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5p:8x8x4, v5e:16x16, v4:4x4x4")
 flags.DEFINE_string("mesh", "fsdp:-1", "mesh spec over (data, fsdp, tensor); serving uses tensor only")
-flags.DEFINE_string("attention", "xla", "attention kernel: xla, splash, flash (training)")
+flags.DEFINE_string("attention", "xla", "attention kernel: xla, splash, flash (training); xla, ragged (serving: "
+                    "the Pallas ragged_paged_attention kernel)")
 flags.DEFINE_string("dtype", "bfloat16", "compute dtype (training params stay float32; serving weights use it)")
 flags.DEFINE_integer("batch", None, "global batch size (sequences); default: one sequence per data-parallel device")
 flags.DEFINE_integer("grad_accum", 1, "micro-batches per step (training)")
@@ -39,11 +40,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.job == "serve":
         from jaxllm.serve import aot as serve_aot
+        from jaxllm.serve.paged_attention import paged_attention
+        from jaxllm.serve.ragged_attention import ragged_paged_attention
+        serve_attention = {"xla": paged_attention, "ragged": ragged_paged_attention}
+        if FLAGS.attention not in serve_attention:
+            raise app.UsageError(f"--attention={FLAGS.attention!r} for serving; choices: {sorted(serve_attention)}")
         cfg = presets.get(FLAGS.model, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers,
                           max_len=max(FLAGS.context_len, presets.get(FLAGS.model).max_len))
         report = serve_aot.compile_serve_step(cfg, FLAGS.topology, FLAGS.mesh, num_blocks=FLAGS.num_blocks,
                                               block_size=FLAGS.block_size, token_budget=FLAGS.token_budget,
-                                              max_seqs=FLAGS.max_seqs, context_len=FLAGS.context_len)
+                                              max_seqs=FLAGS.max_seqs, context_len=FLAGS.context_len,
+                                              attention=serve_attention[FLAGS.attention])
         print(f"{FLAGS.model}: {cfg.num_params() / 1e9:.2f}B params ({FLAGS.dtype}), pass of {FLAGS.token_budget} "
               f"tokens / {FLAGS.max_seqs} sequences, contexts up to {FLAGS.context_len}")
         print(report.summary())

@@ -66,6 +66,11 @@ def _platform() -> tuple[str, bool]:
     return _target.get() or (jax.default_backend(), False)
 
 
+def interpreting() -> bool:
+    """Whether Pallas kernels run in interpret mode (`interpret_mode`)."""
+    return _platform()[1]
+
+
 def choices(platform: str) -> list[str]:
     """The attention implementations that run on `platform`."""
     return [name for name, need in IMPLEMENTATIONS.items() if need in (None, platform)]

@@ -41,6 +41,7 @@ class ServeReport:
     kv_bytes_per_token: int = 0  # per chip
     hbm_bytes: int = 0
     compile_seconds: float = 0.0
+    kernel_calls: int = 0  # Pallas (Mosaic) kernel call sites in the lowered program
     error: str = ""
 
     @property
@@ -59,7 +60,8 @@ class ServeReport:
                 f"({self.pool_tokens} tokens), temporaries {gib(self.temp_bytes)}, total {gib(total)} of "
                 f"{gib(self.hbm_bytes)} HBM -> {'FITS' if self.fits else 'DOES NOT FIT'}\n"
                 f"  KV {self.kv_bytes_per_token} bytes/token/chip; largest pool that fits: "
-                f"{self.max_pool_tokens:,} tokens; compiled in {self.compile_seconds:.0f} s")
+                f"{self.max_pool_tokens:,} tokens; {self.kernel_calls} Pallas kernel call sites, "
+                f"compiled in {self.compile_seconds:.0f} s")
 
 
 def _nbytes(abstract) -> int:
@@ -106,7 +108,9 @@ def compile_serve_step(cfg: llama.LlamaConfig, topology: str, mesh_spec: str, *,
     start = time.time()
     try:
         with kernels.target_platform(devices[0].platform):
-            compiled = jax.jit(step).lower(params, (pool,), (batch,), (offsets,), rows).compile()
+            lowered = jax.jit(step).lower(params, (pool,), (batch,), (offsets,), rows)
+        base["kernel_calls"] = lowered.as_text().count("tpu_custom_call")
+        compiled = lowered.compile()
     except Exception as e:  # XLA reports HBM exhaustion as a compile failure
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
