@@ -6,7 +6,9 @@ TEST = [
     "pytest-xdist",
     "torch==2.13.0",
     "transformers>=5",
-    "trl>=1.16",
+    # the DPO parity test drives TRL's private DPOTrainer._compute_loss (TRL 1.x has no standalone
+    # DPO loss), which a minor release may change: stay on the minor release the tests were written against
+    "trl>=1.16,<1.17",
     "matplotlib",
     "sacrebleu",
 ]

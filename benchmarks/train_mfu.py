@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxllm.model import flops, presets
+from jaxllm.model import flops, llama, presets
 from jaxllm.parallel import make_mesh
 from jaxllm.train import lm, mfu, optim
 from jaxllm.train.config import TrainConfig
@@ -60,7 +60,7 @@ def paired_rates(cfg, mesh, device) -> tuple[list[float], list[float]]:
     """(step seconds, peak FLOP/s) of `_STEPS` pairs: one training step, then one peak measurement."""
     train_cfg = TrainConfig(model=cfg, batch_size=_BATCH.value, seq_len=_SEQ_LEN.value, steps=_STEPS.value + 2)
     optimizer, _ = optim.make_optimizer(train_cfg.optimizer, train_cfg.steps)
-    state = init_train_state(train_cfg, mesh, optimizer)
+    state = init_train_state(lambda rng: llama.init_params(cfg, rng, boxed=True), optimizer, mesh, train_cfg.seed)
     step = make_train_step(lm.lm_loss_fn(cfg), optimizer, mesh)
     batch = packed_batch(np.random.default_rng(0), _BATCH.value, _SEQ_LEN.value, cfg.vocab_size)
     for _ in range(2):

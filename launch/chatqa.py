@@ -77,7 +77,7 @@ def run_stage(stage: str, cfg: chatqa.ChatQAConfig, workdir: pathlib.Path) -> bo
     if stage == "retriever":
         encoder = chatqa.load_encoder(cfg.encoder_path)
         pairs = chatqa_retriever.retrieval_pairs(data.dialogues["train"], encoder, cfg.retriever.max_query_len)
-        fit = chatqa_retriever.fit_retriever(encoder, pairs, data.chunks, cfg.retriever)
+        fit = chatqa_retriever.fit_retriever(encoder, pairs, data.chunks, cfg.retriever, workdir / "retriever")
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(_retriever_dir(workdir), fit.params, force=True)
         (workdir / "retriever" / "history.json").write_text(json.dumps(fit.history, indent=1))
@@ -86,7 +86,7 @@ def run_stage(stage: str, cfg: chatqa.ChatQAConfig, workdir: pathlib.Path) -> bo
     if stage == "sft1":
         examples = chatqa.stage1_examples(cfg, documents, data, tokenizer)
         rows = chatqa.encode_examples(tokenizer, examples, cfg.stage1.max_len, system=cfg.system_prompt)
-        print(f"[sft1] {len(examples)} instruction examples of <= {rows['chosen_tokens'].shape[1]} tokens", flush=True)
+        print(f"[sft1] {len(examples)} instruction examples of <= {rows['tokens'].shape[1]} tokens", flush=True)
         return not chatqa.fit_sft(cfg.model, rows, cfg.stage1, workdir / "sft1").preempted
 
     encoder = chatqa.load_encoder(cfg.encoder_path)
@@ -96,7 +96,7 @@ def run_stage(stage: str, cfg: chatqa.ChatQAConfig, workdir: pathlib.Path) -> bo
         examples = chatqa.stage2_examples(cfg, data, retriever, stage1)
         rows = chatqa.encode_examples(tokenizer, examples, cfg.stage2.max_len, system=cfg.system_prompt)
         print(f"[sft2] {len(examples)} examples ({sum(e.answer == chatqa.REFUSAL for e in examples)} refusals) of "
-              f"<= {rows['chosen_tokens'].shape[1]} tokens", flush=True)
+              f"<= {rows['tokens'].shape[1]} tokens", flush=True)
         params = _sft_params(cfg, workdir, "sft1")
         return not chatqa.fit_sft(cfg.model, rows, cfg.stage2, workdir / "sft2", params=params).preempted
 

@@ -1,5 +1,8 @@
 """What every absl entry point does first: reject stray arguments, quiet library logging, and join
 a multi-process job when the environment asks for one."""
+import os
+import sys
+
 from absl import app, flags
 from absl import logging as absl_logging
 
@@ -16,3 +19,27 @@ def start(argv) -> None:
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     distributed.maybe_initialize()
+
+
+# Errors a user can cause with a flag, a config field or an input file: each names the bad value in
+# its message, which is all a user needs; a traceback would bury it.
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError)
+
+
+def run(main) -> None:
+    """`absl.app.run(main)`, except that a user error ends the process with one line on stderr,
+    `error: <type>: <message>`, and exit status 2 instead of a traceback (JAXLLM_TRACEBACK=1 or an
+    explicit `--verbosity` keeps the traceback, for debugging). OSError covers missing, unreadable
+    and unwritable paths and a full disk. Flag parsing errors are absl's own one-line messages."""
+    def guarded(argv):
+        try:
+            return main(argv)
+        except USER_ERRORS as err:
+            if os.environ.get("JAXLLM_TRACEBACK") or flags.FLAGS["verbosity"].present:
+                raise
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"error: {type(err).__name__}: {message} (JAXLLM_TRACEBACK=1 shows where)", file=sys.stderr,
+                  flush=True)
+            sys.exit(2)
+
+    app.run(guarded)

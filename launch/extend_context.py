@@ -37,14 +37,14 @@ from ml_collections import config_flags
 from jaxllm.data.tasks import long_context
 from jaxllm.methods import context_extension as ce
 from jaxllm.model import hf, rope
-from jaxllm.train import config as train_config
+from jaxllm import configs
 from jaxllm.train.model_dir import load_model, save_model
 from launch import common
 
 def get_config() -> ml_collections.ConfigDict:
     """Every field of the run, with defaults (the paper's recipe: EABF, 100 samples, 2 epochs at
     batch 32, lr 2e-5)."""
-    model = train_config.config_dict(model={"preset": ""})["model"]
+    model = configs.model_section({"preset": ""})
     model["rope_theta"] = 0.0
     return ml_collections.ConfigDict({
         "method": "eabf", "target_len": 16384, "window": 0, "abf_base": 500_000.0, "unscaled_layers": (0, 1),
@@ -99,7 +99,7 @@ def run(config: ml_collections.ConfigDict, source: str, output: str, export_hf: 
     cfg = extension_config(config)
     new_cfg = ce.extended_config(model_cfg, cfg)
     data = sft_data(config.data.to_dict(), cfg.target_len, model_cfg.vocab_size)
-    params, losses = ce.sft(params, new_cfg, data, cfg.sft)
+    params, losses = ce.sft(params, new_cfg, data, cfg.sft, os.path.join(output, "sft"))
     save_model(output, new_cfg, params)
     if export_hf:
         hf.save(os.path.join(output, "hf"), new_cfg, params)

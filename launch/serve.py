@@ -42,7 +42,7 @@ from ml_collections import config_flags
 
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.serve import Engine, SamplingParams
-from jaxllm.train import config as train_config
+from jaxllm import configs
 from jaxllm.train import model_dir
 from launch import common
 
@@ -51,7 +51,7 @@ REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "s
 
 def get_config() -> ml_collections.ConfigDict:
     """Model fields (for a training workdir), engine settings and default sampling settings."""
-    model = train_config.config_dict(model={"preset": ""})["model"]
+    model = configs.model_section({"preset": ""})
     model["rope_theta"] = 0.0
     return ml_collections.ConfigDict({
         "model": model,

@@ -6,7 +6,7 @@ r"""Pre-train a Llama-family model from an ml_collections config file.
 Every config field can be overridden with a dotted flag; a misspelt field is an error (the
 config is locked). Running it again with the same workdir resumes from the newest good
 checkpoint. On SIGTERM the run saves a checkpoint and exits with status 143 (128 + SIGTERM), so
-a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.train`.
+a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.train` (`pretrain`, a caller of the one loop `fit`).
 """
 import signal
 import sys
@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxllm.train import config as config_lib
-from jaxllm.train import loop
+from jaxllm.train import pretrain
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
@@ -25,7 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     common.start(argv)
-    result = loop.fit(config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
+    result = pretrain.pretrain(config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
     if result.preempted:
         sys.exit(128 + signal.SIGTERM)
 

@@ -5,11 +5,11 @@ ml_collections config file.
       [--config.objective.kind=dpo --config.steps=500 --config.init_checkpoint=/tmp/jaxllm_pretrain/checkpoints ...]
 
 The config holds `PreferenceTrainConfig` fields (built with `jaxllm.methods.preference.config_dict`),
-a `data` section (`PairDataConfig`) and `init_checkpoint`: a checkpoint directory of a `launch.train`
+a `data` section (`jaxllm.data.pairs.PairDataConfig`) and `init_checkpoint`: a checkpoint directory of a `launch.train`
 run whose newest params start the policy ("" = random init); the starting params are also DPO's frozen
 reference. Running it again with the same workdir resumes from the newest good checkpoint. On SIGTERM
 the run saves a checkpoint and exits with status 143 (128 + SIGTERM). All logic lives in
-`jaxllm.methods.preference`.
+`jaxllm.methods.preference` (a caller of the one loop, `jaxllm.train.fit`).
 """
 import signal
 import sys
@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxllm.data import pairs as pair_data
 from jaxllm.methods import preference
 from jaxllm.parallel import mesh as mesh_lib
 from launch import common
@@ -30,7 +31,7 @@ def main(argv):
     common.start(argv)
     config = _CONFIG.value.to_dict()
     cfg = preference.from_dict(config)
-    pairs, vocab_size = preference.load_pairs(preference.PairDataConfig(**config["data"]))
+    pairs, vocab_size = pair_data.load_pairs(pair_data.PairDataConfig(**config["data"]))
     if vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer vocab_size {vocab_size} is larger than the model's vocab_size {cfg.model.vocab_size}")
     params = None
@@ -38,7 +39,8 @@ def main(argv):
         params = preference.load_params(config["init_checkpoint"], cfg.model, mesh_lib.make_mesh(cfg.mesh))
     print(f"{len(pairs['chosen_tokens'])} pairs of {pairs['chosen_tokens'].shape[1]} tokens; "
           f"objective {cfg.objective or 'sft'}", flush=True)
-    result = preference.fit_preference(cfg, pairs, _WORKDIR.value, params=params)
+    data = pair_data.chosen_rows(pairs) if cfg.objective is None else pairs
+    result = preference.fit_preference(cfg, data, _WORKDIR.value, params=params)
     if result.preempted:
         sys.exit(128 + signal.SIGTERM)
 

@@ -236,7 +236,8 @@ def main(argv):
 
     pairs = chatqa_retriever.retrieval_pairs(data.dialogues["train"], encoder, rc.max_query_len)
     with timer("retriever fine-tuning"):
-        fit = chatqa_retriever.fit_retriever(encoder, pairs, data.chunks, rc, context_emb_ND=index_emb)
+        fit = chatqa_retriever.fit_retriever(encoder, pairs, data.chunks, rc, workdir / "retriever",
+                                             context_emb_ND=index_emb)
     with timer("fine-tuned MiniLM arms"):  # a trained context tower re-embeds the chunks
         tuned = chatqa_retriever.Retriever.build(encoder, texts, dual_params=fit.params, max_query_len=rc.max_query_len,
                                        max_context_len=rc.max_context_len,
@@ -281,10 +282,10 @@ def main(argv):
                                                               for d, t in items]))},
         "retriever_training": {"pairs": len(pairs), "steps": rc.steps, "batch_size": rc.batch_size,
                                "history": fit.history, "seconds": timer.phases["retriever fine-tuning"]},
-        "sft": {"stage1": {"examples": len(stage1), "row_tokens": int(rows1["chosen_tokens"].shape[1]),
+        "sft": {"stage1": {"examples": len(stage1), "row_tokens": int(rows1["tokens"].shape[1]),
                            "history": sft1.history},
                 "stage2": {"examples": len(stage2), "refusal_targets": sum(e.answer == chatqa.REFUSAL for e in stage2),
-                           "row_tokens": int(rows2["chosen_tokens"].shape[1]), "history": sft2.history}},
+                           "row_tokens": int(rows2["tokens"].shape[1]), "history": sft2.history}},
         "rag": rag,
         "wall_time_s": {**timer.phases, "total": round(time.perf_counter() - timer.start, 1)},
         "jax": jax.__version__, "device": str(jax.devices()[0]),

@@ -38,7 +38,10 @@ from jaxllm.data.tasks import long_context as lc  # noqa: E402
 from jaxllm.methods import context_extension as ce  # noqa: E402
 from jaxllm.model import llama, rope  # noqa: E402
 from jaxllm.objectives.lm import nll_loss  # noqa: E402
-from jaxllm.train import optim, state, step  # noqa: E402
+from jaxllm.data.epochs import DrawnBatches  # noqa: E402
+from jaxllm.train import optim  # noqa: E402
+from jaxllm.train.finetune import start_params  # noqa: E402
+from jaxllm.train.loop import LoopConfig, fit  # noqa: E402
 from jaxllm.train.model_dir import load_model, save_model  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/context_extension/config.py",
@@ -108,17 +111,14 @@ def pretrain(c, model_cfg, path: pathlib.Path, task, stream):
     p = c.pretrain
     opt_cfg = optim.OptimizerConfig(learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
                                     min_lr_ratio=p.min_lr_ratio, weight_decay=p.weight_decay)
-    optimizer, _ = optim.make_optimizer(opt_cfg, p.steps)
-    st = state.init_state(llama.init_params(model_cfg, jax.random.key(p.seed)), optimizer, jax.random.key(p.seed))
-    train_step = step.make_train_step(loss_fn, optimizer)
-    rng = np.random.default_rng(p.seed)
-    for i in range(1, p.steps + 1):
-        st, metrics = train_step(st, pretrain_batch(rng, c, task, stream))
-        if i % 100 == 0 or i == p.steps:
-            print(f"pretrain step {i}: answer nll {float(metrics['answer_nll']):.3f} "
-                  f"text nll {float(metrics['text_nll']):.3f}", flush=True)
-    save_model(path, model_cfg, st.params)
-    return st.params
+    optimizer, schedule = optim.make_optimizer(opt_cfg, p.steps)
+    batches = DrawnBatches(lambda rng: pretrain_batch(rng, c, task, stream), p.seed)
+    loop_config = LoopConfig(steps=p.steps, seed=p.seed, log_every=100, checkpoint_every=p.steps, keep_checkpoints=1,
+                             learning_rate=schedule)
+    result = fit(loss_fn, optimizer, batches, start_params(model_cfg, None, p.seed), path.parent / f"{path.name}_run",
+                 loop_config, devices=jax.devices()[:1])
+    save_model(path, model_cfg, result.state.params)
+    return result.state.params
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -206,7 +206,8 @@ def run_regime(c, regime: str, results: dict, save, clock: Clock):
                 continue
             cfg = extension(c, regime, method, lr, 0, c.sft.epochs)
             with clock.phase("sft"):
-                ext_cfg, new_params = ce.extend(params, model_cfg, sft_data(c, task, train_stream, 0), cfg)
+                ext_cfg, new_params = ce.extend(params, model_cfg, sft_data(c, task, train_stream, 0), cfg,
+                                               workdir / "sft" / regime / f"{method}_lr{lr:g}_seed0")
             with clock.phase("evaluate"):
                 record(key, evaluate(ext_cfg, new_params, val, with_ppl=False)["accuracy"][str(target)])
             kept[(method, lr)] = (ext_cfg, new_params)
@@ -232,7 +233,8 @@ def run_regime(c, regime: str, results: dict, save, clock: Clock):
             else:
                 with clock.phase("sft"):
                     ext_cfg = ce.extended_config(model_cfg, cfg)
-                    new_params, losses = ce.sft(params, ext_cfg, sft_data(c, task, train_stream, seed), cfg.sft)
+                    new_params, losses = ce.sft(params, ext_cfg, sft_data(c, task, train_stream, seed), cfg.sft,
+                                                workdir / "sft" / regime / f"{method}_lr{lr:g}_seed{seed}")
             with clock.phase("evaluate"):
                 out = {**evaluate(ext_cfg, new_params, test), "lr": lr, "sft_losses": losses}
                 if seed == 0:

@@ -8,8 +8,8 @@ errors) and a weaker one (the SFT start's own greedy translation, or with `weak_
 true mapping with `weak_error_rate` sentence errors) — are scored by the oracle (chrF against the true
 mapping), best = chosen, worst = rejected, middle dropped, all-tie sources dropped (ALMA-R pair
 building); (3) seven arms train for the same number of steps from the SFT start with
-`jaxllm.methods.preference.fit_preference`; (4) greedy translations of held-out test sources are
-scored by oracle chrF and by exact match (not used to build pairs). Each arm's learning rate is picked
+`jaxllm.methods.preference.fit_preference` (a caller of the one loop `jaxllm.train.fit`); (4) greedy translations of held-out test sources are
+scored by oracle chrF and by exact match (not used to build pairs), decoded by `jaxllm.serve.Engine`. Each arm's learning rate is picked
 from the grid on the val split with the first seed, except the two ablations of CPO (prefer-only,
 NLL-only), which keep CPO's (one term removed, everything else fixed, as in the paper's ablation). Writes results.json, results.md and cpo_results.png
 next to this file; checkpoints and metrics.jsonl of every run go under --workdir.
@@ -30,10 +30,12 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxllm.data import pairs as pair_data
 from jaxllm.data.tasks import translation as tr
 from jaxllm.methods import preference as mp
 from jaxllm.model import presets
 from jaxllm.objectives.preference import PreferenceConfig
+from jaxllm.serve import Engine, SamplingParams
 from jaxllm.train.optim import OptimizerConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (get_config()).", lock_config=True)
@@ -83,18 +85,22 @@ class Experiment:
         self.devices = jax.devices()[:1]
 
     def _arrays(self, triplets):
-        return mp.pair_arrays(self.tok, triplets, max_len=self.cfg.seq_len, max_prompt_len=self.cfg.seq_len // 2,
-                              length=self.cfg.seq_len)
+        return pair_data.pair_arrays(self.tok, triplets, max_len=self.cfg.seq_len, max_prompt_len=self.cfg.seq_len // 2,
+                                     length=self.cfg.seq_len)
 
     def _sft_arrays(self, sources, targets):
-        arrays = self._arrays([(tr.prompt(s), tr.response(t), tr.response(t)) for s, t in zip(sources, targets)])
-        return {k: v for k, v in arrays.items() if k.startswith("chosen_")}
+        return pair_data.response_rows(self.tok, [(tr.prompt(s), tr.response(t)) for s, t in zip(sources, targets)],
+                                       max_len=self.cfg.seq_len, max_prompt_len=self.cfg.seq_len // 2,
+                                       length=self.cfg.seq_len)
 
     def translate(self, params, split: str) -> list[str]:
+        """Greedy translations of a split, decoded by the engine (up to max_new_tokens, cut at EOS)."""
         prompts = [self.tok.encode(tr.prompt(s), bos=True) for s in self.splits[split]]
-        outs = mp.complete(self.model, params, prompts, self.cfg.max_new_tokens, eos_id=self.tok.eos_id,
-                           batch_size=len(prompts))
-        return [self.tok.decode(o) for o in outs]
+        engine = Engine(self.model, jax.device_get(params), token_budget=1024, max_seqs=1024, block_size=16,
+                        num_blocks=2 * 1024 + 16)  # rows of <= max_len 32 tokens: two blocks each
+        sampling = SamplingParams(max_tokens=self.cfg.max_new_tokens, stop_tokens=(self.tok.eos_id,))
+        outs = [c.tokens for c in engine.generate(prompts, sampling)]
+        return [self.tok.decode([t for t in o if t != self.tok.eos_id]) for o in outs]
 
     def score(self, params, split: str) -> dict[str, np.ndarray]:
         """Per-example oracle chrF, exact match and output length (words) of greedy translations."""
@@ -141,7 +147,7 @@ class Experiment:
     def run_arm(self, arm: str, lr: float, seed: int, setup: Setup, tag: str = "", beta: float | None = None):
         data = setup.references if arm == "sft_ref" else setup.pairs
         if arm in ("sft_pref", "nll_only"):
-            data = {k: v for k, v in data.items() if k.startswith("chosen_")}
+            data = pair_data.chosen_rows(data)
         objective = arm_objective(arm, self.cfg.beta if beta is None else beta)
         return self.fit(f"{arm}{tag}", seed, objective, data, steps=self.cfg.arm_steps,
                         lr=lr, warmup=self.cfg.arm_warmup_steps, params=setup.start_params)

@@ -8,7 +8,8 @@ reference, synthetic systems with 10 % and 25 % sentence errors), best vs worst 
 """
 import dataclasses
 
-from jaxllm.methods.preference import PairDataConfig, config_dict
+from jaxllm.data.pairs import PairDataConfig
+from jaxllm.methods.preference import config_dict
 
 
 def get_config():
@@ -18,6 +19,7 @@ def get_config():
         optimizer=dict(learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.01),
         steps=200, batch_size=32, grad_accum=1, checkpoint_every=100, keep_checkpoints=2, log_every=20,
         seed=0, mesh="fsdp:-1",
-        data=dataclasses.asdict(PairDataConfig(source="translation", num_sources=2000, max_len=24, max_prompt_len=12)),
-        init_checkpoint="",
+        extra=dict(data=dataclasses.asdict(PairDataConfig(source="translation", num_sources=2000, max_len=24,
+                                                          max_prompt_len=12)),
+                   init_checkpoint=""),
     )

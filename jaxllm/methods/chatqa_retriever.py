@@ -2,7 +2,7 @@
 (history + current question → gold chunk) with InfoNCE over in-batch and hard negatives.
 
 Both towers start from one pretrained sentence encoder (`retrieval.Encoder`, e.g. MiniLM); training
-runs on `jaxllm.train.step.make_train_step`. With `train_context_tower=False` the context tower is
+runs through the one loop, `jaxllm.train.loop.fit`. With `train_context_tower=False` the context tower is
 frozen: its chunk embeddings are computed once and travel in the batch, only the query tower runs,
 and an index built before training stays valid. `Retriever` serves the tuned towers for RAG.
 """
@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import time
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.data.epochs import EpochBatches
 from jaxllm.data.tasks.conv_qa import Chunk, Dialogue
 from jaxllm.methods import retrieval
 from jaxllm.methods.retrieval import DualEncoder, Encoder, Index
 from jaxllm.objectives.contrastive import info_nce_loss
 from jaxllm.train import optim
-from jaxllm.train.state import init_state
-from jaxllm.train.step import make_train_step
+from jaxllm.train.loop import LoopConfig, fit
 
 QUERY_MODES = ("last", "history", "rewrite")
 
@@ -132,11 +131,13 @@ def _hard_negatives(rng: np.random.Generator, gold_B: Sequence[int], chunks: Seq
     return out
 
 
-def fit_retriever(encoder: Encoder, pairs: Sequence[RetrievalPair], chunks: Sequence[Chunk], cfg: RetrieverConfig, *,
-                  context_emb_ND=None, verbose: bool = True) -> RetrieverFit:
+def fit_retriever(encoder: Encoder, pairs: Sequence[RetrievalPair], chunks: Sequence[Chunk], cfg: RetrieverConfig,
+                  workdir: str | os.PathLike, *, context_emb_ND=None, verbose: bool = True) -> RetrieverFit:
     """Fine-tunes a dual encoder whose towers both start from `encoder` on `pairs` (chunk ids index
-    `chunks`; hard negatives are other chunks of the gold chunk's document, else any pair's gold chunk).
-    Each epoch visits the pairs in a permutation drawn from (seed, epoch), drop-last.
+    `chunks`; hard negatives are other chunks of the gold chunk's document, else any pair's gold chunk),
+    through the one loop on one device (checkpoints and metrics in `workdir`, resumable). Each epoch
+    visits the pairs in a permutation drawn from (seed, epoch), drop-last (`EpochBatches`); the
+    negatives of batch k are drawn from (seed, 1, k).
 
     With `cfg.train_context_tower` both towers train (`retrieval.contrastive_loss_fn` on
     `retrieval.make_batch`); otherwise the context tower stays `encoder`'s and its chunk embeddings
@@ -165,10 +166,9 @@ def fit_retriever(encoder: Encoder, pairs: Sequence[RetrievalPair], chunks: Sequ
                              f"({len(chunks)}, {dual.context_cfg.d_model})")
         loss_fn = frozen_context_loss_fn(dual, temperature=cfg.temperature)
         frozen_context, params = params["context"], params["query"]
-    state = init_state(jax.tree.map(jnp.copy, params), optimizer, jax.random.key(cfg.seed))
-    step_fn = make_train_step(loss_fn, optimizer)
 
-    def batch_at(rows: np.ndarray, rng: np.random.Generator) -> dict:
+    def batch_at(rows: np.ndarray, draw: int) -> dict:
+        rng = np.random.default_rng([cfg.seed, 1, draw])
         queries = [pairs[i].query for i in rows]
         gold_B = np.asarray([pairs[i].chunk_id for i in rows])
         negatives = None
@@ -185,30 +185,13 @@ def fit_retriever(encoder: Encoder, pairs: Sequence[RetrievalPair], chunks: Sequ
             batch["negative_emb_BND"] = context_emb_ND[negatives]
         return batch
 
-    history, window = [], []
-    per_epoch = len(pairs) // cfg.batch_size
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        epoch, index = divmod(step, per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(pairs))
-        rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
-        state, device_metrics = step_fn(state, batch_at(rows, np.random.default_rng([cfg.seed, 1, step])))
-        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        if metrics["finite"] == 0.0:
-            raise FloatingPointError(f"non-finite retriever loss or gradient at step {step + 1}: {metrics}")
-        window.append(metrics)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            now = time.perf_counter()
-            record = {"step": step + 1, "learning_rate": float(schedule(step)),
-                      "step_time_s": (now - start) / len(window),
-                      **{k: float(np.mean([m[k] for m in window])) for k in ("loss", "accuracy", "grad_norm")}}
-            history.append(record)
-            if verbose:
-                print(f"retriever step {record['step']}/{cfg.steps}: loss {record['loss']:.4f} "
-                      f"in-batch accuracy {record['accuracy']:.3f} ({record['step_time_s']:.2f} s/step)", flush=True)
-            window, start = [], now
-    params = state.params if cfg.train_context_tower else {"query": state.params, "context": frozen_context}
-    return RetrieverFit(dual=dual, params=params, history=history)
+    loop_config = LoopConfig(steps=cfg.steps, seed=cfg.seed, mesh="fsdp:1", log_every=cfg.log_every,
+                             checkpoint_every=cfg.steps, keep_checkpoints=1, learning_rate=schedule, verbose=verbose)
+    result = fit(loss_fn, optimizer, EpochBatches(len(pairs), cfg.batch_size, cfg.seed, fetch=batch_at), params,
+                 workdir, loop_config, devices=jax.devices()[:1])
+    tuned = jax.device_get(result.state.params)
+    params = tuned if cfg.train_context_tower else {"query": tuned, "context": frozen_context}
+    return RetrieverFit(dual=dual, params=params, history=result.history)
 
 
 def tower_encoder(encoder: Encoder, dual_params: Mapping[str, Any], tower: str, max_seq_length: int) -> Encoder:

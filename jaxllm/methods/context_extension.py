@@ -10,8 +10,8 @@ composition of two seams:
    `max_len` = the target length;
 2. loop: `sft` fine-tunes on long samples with the loss on the answer tokens only (AdamW
    β = (0.9, 0.95), weight decay 0.1, cosine learning rate, two epochs, drop-last batches: the
-   paper's 100 samples at batch 32 give 6 steps), through the project's jitted train step and
-   the pre-training loss with a mask that marks the answer.
+   paper's 100 samples at batch 32 give 6 steps): the SFT objective (`jaxllm.objectives.sft`)
+   through the one loop (`jaxllm.train.finetune` → `jaxllm.train.loop.fit`).
 
 `extend` runs both. The method name "none" keeps the RoPE spec (fine-tune at the target length
 without any position change: the control arm); `SFTConfig(epochs=0)` is the transform-only
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +34,10 @@ import numpy as np
 
 from jaxllm.model import attention, llama, rope
 from jaxllm.objectives.lm import token_logprobs
-from jaxllm.train import lm, optim, state, step
+from jaxllm.objectives.sft import make_sft_loss
+from jaxllm.train import optim
+from jaxllm.train.finetune import finetune
+from jaxllm.train.loop import LoopConfig
 
 METHODS = ("none", "pi", "ntk", "dynamic_ntk", "yarn", "abf", "eabf", "eabf_all")
 
@@ -139,9 +144,12 @@ def _check_data(data: dict, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens, mask
 
 
-def sft(params, model_cfg: llama.LlamaConfig, data: dict, cfg: SFTConfig):
+def sft(params, model_cfg: llama.LlamaConfig, data: dict, cfg: SFTConfig, workdir: str | os.PathLike, *,
+        devices: Sequence[jax.Device] | None = None, verbose: bool = False):
     """Fine-tune `params` on `data` = {"tokens", "loss_mask"} ([N, T]; the mask marks the scored
-    answer tokens) with a token-mean NLL over each batch. Returns (params, per-step losses)."""
+    answer tokens) with `jaxllm.objectives.sft` (token-mean NLL over each batch) through the one loop
+    in `workdir` (checkpoints, resumable; default device: the first). Epochs visit the samples in
+    permutations drawn from (seed, epoch) (`EpochBatches`). Returns (params, per-step losses)."""
     tokens, mask = _check_data(data, model_cfg.max_len)
     per_epoch = tokens.shape[0] // cfg.batch_size
     if cfg.epochs and per_epoch == 0:
@@ -149,27 +157,19 @@ def sft(params, model_cfg: llama.LlamaConfig, data: dict, cfg: SFTConfig):
     total = cfg.epochs * per_epoch
     if total == 0:
         return params, []
-    optimizer, _ = optim.make_optimizer(cfg.optimizer(), total)
-    train_step = step.make_train_step(lm.lm_loss_fn(model_cfg), optimizer, donate=False)
-    st = state.init_state(params, optimizer, jax.random.key(cfg.seed))
-    order = np.random.default_rng(cfg.seed)
-    T = tokens.shape[1]
-    fixed = {"positions": np.broadcast_to(np.arange(T, dtype=np.int32), (cfg.batch_size, T)),
-             "segment_ids": np.zeros((cfg.batch_size, T), np.int32)}
-    losses = []
-    for _ in range(cfg.epochs):
-        perm = order.permutation(tokens.shape[0])
-        for b in range(per_epoch):
-            rows = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            st, metrics = train_step(st, {"tokens": tokens[rows], "loss_mask": mask[rows], **fixed})
-            losses.append(float(metrics["loss"]))
-    return st.params, losses
+    loop_config = LoopConfig(steps=total, seed=cfg.seed, log_every=1, checkpoint_every=total, keep_checkpoints=1,
+                             verbose=verbose)
+    result = finetune(make_sft_loss(functools.partial(llama.forward, model_cfg)), model_cfg,
+                      {"tokens": tokens, "loss_mask": mask}, cfg.optimizer(), cfg.batch_size, workdir, loop_config,
+                      params=params, devices=jax.devices()[:1] if devices is None else devices)
+    return result.state.params, [result.losses[s] for s in sorted(result.losses)]
 
 
-def extend(params, model_cfg: llama.LlamaConfig, data: dict, cfg: ContextExtensionConfig):
-    """The recipe: (extended model config, fine-tuned params). See the module docstring."""
+def extend(params, model_cfg: llama.LlamaConfig, data: dict, cfg: ContextExtensionConfig, workdir: str | os.PathLike):
+    """The recipe: (extended model config, fine-tuned params); the fine-tune runs in `workdir`. See the
+    module docstring."""
     new_cfg = extended_config(model_cfg, cfg)
-    new_params, _ = sft(params, new_cfg, data, cfg.sft)
+    new_params, _ = sft(params, new_cfg, data, cfg.sft, workdir)
     return new_cfg, new_params
 
 

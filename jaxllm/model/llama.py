@@ -251,6 +251,14 @@ def init_params(cfg: LlamaConfig, rng, *, boxed: bool = False):
     return params if boxed else nn.meta.unbox(params)
 
 
+def box_params(cfg: LlamaConfig, params):
+    """`params` of `cfg` wrapped in the logical-axis boxes `init_params(boxed=True)` gives them (traced
+    abstractly, nothing computed), so `jaxllm.train.loop.fit` lays them out sharded like a fresh init."""
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))
+    return jax.tree.map(lambda box, x: box.replace_boxed(x), abstract, params,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None) -> attention.DenseKVCache:
     """Empty dense KV cache for `batch` rows of up to `max_len` tokens (default cfg.max_len)."""
     return attention.init_dense_cache(cfg.n_layers, batch, max_len or cfg.max_len, cfg.n_kv_heads,

@@ -1,5 +1,6 @@
 """Objectives: pure, jittable losses over logits or sequence log-probs (DESIGN.md, objective seam)."""
 from jaxllm.objectives.lm import nll_loss, sequence_logprobs, token_logprobs
+from jaxllm.objectives.sft import make_sft_loss, sft_objective
 from jaxllm.objectives.preference import (
     CPO_LOSSES,
     DPO_LOSSES,
@@ -13,5 +14,5 @@ from jaxllm.objectives.preference import (
 )
 
 __all__ = ["CPO_LOSSES", "DPO_LOSSES", "PreferenceConfig", "alphapo_reward", "cpo_loss", "dpo_loss",
-           "make_preference_loss", "make_reference_logps", "nll_loss", "preference_objective",
-           "sequence_logprobs", "token_logprobs"]
+           "make_preference_loss", "make_reference_logps", "make_sft_loss", "nll_loss", "preference_objective",
+           "sequence_logprobs", "sft_objective", "token_logprobs"]

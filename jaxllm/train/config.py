@@ -1,27 +1,22 @@
-"""Frozen configuration of a pre-training run, and its bridge to ml_collections config files.
+"""Frozen configuration of a pre-training run.
 
 `TrainConfig` is what the library reads. Config files (`experiments/*/config.py`) build an
-ml_collections `ConfigDict` with `config_dict(...)`, which lists *every* field with its default, so
-absl's `--config.steps=...` / `--config.model.d_model=...` overrides work for any field while the
-locked dict rejects misspelt ones. `TrainConfig.from_dict` turns it back into frozen dataclasses,
-resolving `model.preset` plus the non-None model overrides through `jaxllm.model.presets.get`.
+ml_collections `ConfigDict` with `config_dict(...)` and `TrainConfig.from_dict` reads it back,
+both through the one config bridge, `jaxllm.configs`.
 """
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict as mlc
 
-from jaxllm.model import presets
+from jaxllm import configs
 from jaxllm.model.llama import LlamaConfig
 from jaxllm.train.optim import OptimizerConfig
 
 DATA_SOURCES = ("corpus", "jsonl", "tfds")
-MODEL_OVERRIDES = {f.name: f.type for f in dataclasses.fields(LlamaConfig) if f.name != "rope"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +52,6 @@ class DataConfig:
 
 
 
-def model_from_dict(model: Mapping[str, Any]) -> LlamaConfig:
-    """A preset of `jaxllm.model.presets` with the non-None overrides of a config's `model` section."""
-    model = dict(model)
-    preset = model.pop("preset", None)
-    if not preset:
-        raise ValueError(f"model.preset must name a preset of jaxllm.model.presets, got {preset!r}")
-    unknown = set(model) - set(MODEL_OVERRIDES)
-    if unknown:
-        raise ValueError(f"unknown model fields {sorted(unknown)}; known: {sorted(MODEL_OVERRIDES)}")
-    return presets.get(preset, **{k: v for k, v in model.items() if v is not None})
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -132,47 +117,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """From a nested mapping (e.g. `ConfigDict.to_dict()`) shaped like `config_dict()`."""
-        d = dict(d)
-        return cls(model=model_from_dict(d.pop("model", None) or {}),
-                   data=_dataclass_from(DataConfig, d.pop("data", None) or {}, "data"),
-                   optimizer=_dataclass_from(OptimizerConfig, d.pop("optimizer", None) or {}, "optimizer"),
-                   **_checked_fields(cls, d, ""))
+        return configs.from_mapping(cls, d)
 
 
-def _checked_fields(cls, d: Mapping[str, Any], where: str) -> dict:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown config fields {sorted(where + k for k in unknown)}; known: {sorted(known)}")
-    return dict(d)
-
-
-def _dataclass_from(cls, d: Mapping[str, Any], name: str):
-    return cls(**_checked_fields(cls, d, f"{name}."))
-
-
-def config_dict(*, model: Mapping[str, Any], data: Mapping[str, Any] | None = None,
-                optimizer: Mapping[str, Any] | None = None, **fields) -> ml_collections.ConfigDict:
-    """A complete ConfigDict for `TrainConfig`: every field present (defaults unless given), model
-    overrides as typed placeholders (None = keep the preset's value), so absl overrides of any
-    field work and misspelt ones fail. `model` needs "preset"."""
-    model = dict(model)
-    unknown = set(model) - set(MODEL_OVERRIDES) - {"preset"}
-    if unknown:
-        raise ValueError(f"unknown model fields {sorted(unknown)}; known: {sorted(MODEL_OVERRIDES)}")
-    hints = typing.get_type_hints(LlamaConfig)
-    model_fields = {"preset": model.pop("preset")}
-    for name in MODEL_OVERRIDES:
-        model_fields[name] = model[name] if name in model else mlc.placeholder(hints[name])
-    top = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "data", "optimizer")}
-    unknown = set(fields) - set(top)
-    if unknown:
-        raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(top)}")
-    data_fields = _checked_fields(DataConfig, dict(data or {}), "data.")
-    optimizer_fields = _checked_fields(OptimizerConfig, dict(optimizer or {}), "optimizer.")
-    return ml_collections.ConfigDict({
-        "model": model_fields,
-        "data": {**dataclasses.asdict(DataConfig()), **data_fields},
-        "optimizer": {**dataclasses.asdict(OptimizerConfig()), **optimizer_fields},
-        **top, **fields,
-    })
+def config_dict(*, model: Mapping[str, Any], **fields) -> ml_collections.ConfigDict:
+    """A complete ConfigDict for `TrainConfig.from_dict` (`jaxllm.configs.config_dict`): every field
+    present, model overrides as typed placeholders; `model` needs "preset"."""
+    return configs.config_dict(TrainConfig, model=model, **fields)

@@ -1,77 +1,130 @@
-"""`fit`: the pre-training loop, where the effects live (data, checkpoints, metrics, signals).
+"""`fit`: the one training loop, where the effects live (data, checkpoints, metrics, signals).
 
-A run is a `TrainConfig` and a workdir. `fit` resumes from the newest good checkpoint in
-`workdir/checkpoints` (TrainState and data-iterator position together, so the resumed run sees
-exactly the batches and random numbers the uninterrupted one would have), writes metrics every
-`log_every` steps (`jaxllm.train.metrics`), checkpoints every `checkpoint_every` steps, at the end
-and on SIGTERM (then returns with `preempted=True`, so a preemptible TPU VM loses nothing), and
-stops with FloatingPointError at the first step whose loss or gradient is not finite, saving
-nothing after the last good checkpoint.
+Every training run in the library — pre-training (`jaxllm.train.pretrain`), SFT, DPO/CPO, ChatQA's
+stages, context-extension tuning, Local-SGD's inner steps — is a call
+
+    fit(loss_fn, optimizer, batches, init_or_params, workdir, loop_config, hooks=...)
+
+(the shape of Levanter's `Trainer(config, optimizer, loss_fn)`): an objective in the train-step
+contract (`jaxllm.train.step`), any optax transform, a checkpointable batch iterator, the starting
+params (or how to initialise them), and a frozen `LoopConfig`.
+
+`fit` resumes from the newest good checkpoint in `workdir/checkpoints` (TrainState and
+data-iterator position together, so the resumed run sees exactly the batches and random numbers
+the uninterrupted one would have), writes a record every `log_every` steps (`jaxllm.train.metrics`:
+window means of every step metric, learning rate, step time, tokens/s and MFU when the config
+declares the FLOPs), checkpoints every `checkpoint_every` steps, at the end and on SIGTERM (then
+returns with `preempted=True`, so a preemptible TPU VM loses nothing), and stops with
+FloatingPointError at the first step whose loss or gradient is not finite, saving nothing after
+the last good checkpoint.
 
 The host runs one step ahead of the device: step k+1 is dispatched before step k's metrics are
-read, so reading them does not stall the accelerator.
+read, so reading them does not stall the accelerator. Hooks run at record steps, where the loop
+has caught up (`state` is the state after that step).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import pathlib
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm.data import builders, sources
-from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.model import flops, llama
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.parallel import rules
-from jaxllm.train import checkpoint, lm, metrics, mfu, optim
-from jaxllm.train.config import DataConfig, TrainConfig
+from jaxllm.train import checkpoint, metrics, mfu
 from jaxllm.train.state import TrainState
-from jaxllm.train.step import make_train_step
+from jaxllm.train.step import LossFn, make_train_step
 
 log = logging.getLogger(__name__)
 
 
+class Batches(Protocol):
+    """What `fit` reads: an iterator of {name: array [B, ...]} (this process's rows of each global
+    batch: all of them with one process) whose position is a JSON-able `get_state()` that
+    `set_state()` restores (grain's `DatasetIterator` contract; checkpointed with the state)."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> Any: ...
+    def set_state(self, state: Any) -> None: ...
+
+
+Hook = Callable[[int, TrainState, dict], "dict | None"]
+"""`hook(step, state, record) -> dict | None`, called at every record step after the record is
+made and before it is written; a returned dict is merged into the record (metrics.jsonl and
+`FitResult.history`; numbers also go to TensorBoard). `state` is donated to the next step: copy
+what must outlive the call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How `fit` runs: `steps` optimizer steps in total (a `until_step` call stops earlier, the run
+    continues on the next call); `seed` draws the init and step random numbers; `mesh` is a
+    `jaxllm.parallel.mesh` spec; each batch is split into `grad_accum` micro-batches (exact
+    accumulation). A record every `log_every` steps, a checkpoint every `checkpoint_every` (the
+    last `keep_checkpoints` kept; one always at the end and on SIGTERM).
+
+    Accounting, for the record only: `learning_rate` is the optimizer's schedule, indexed by the
+    optimizer step (None: not logged); `tokens_per_step` (global) gives tokens/s, and with
+    `flops_per_token` (model FLOPs of a trained token, `jaxllm.model.flops`) the MFU, over
+    `peak_flops` (FLOP/s of all devices; 0 = table peak for TPU/GPU, measured matmul peak for
+    CPU). `verbose` prints a progress line per record.
+    """
+
+    steps: int
+    seed: int = 0
+    mesh: str = "fsdp:-1"
+    grad_accum: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    learning_rate: Callable[[int], Any] | None = None
+    tokens_per_step: int = 0
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0
+    verbose: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("tokens_per_step", "flops_per_token", "peak_flops"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclasses.dataclass
 class FitResult:
-    """What a `fit` call did: the final state, the loss of every step it ran ({step: loss}), whether
-    it stopped early on SIGTERM, and the decoded sample (None when not sampled)."""
+    """What a `fit` call did: the final state, the loss of every step it ran ({step: loss}), one
+    record per logged window (`history`, as written to metrics.jsonl, hook outputs included), and
+    whether it stopped early on SIGTERM."""
 
     state: TrainState
     losses: dict[int, float]
+    history: list[dict]
     preempted: bool
-    sample: str | None
 
 
-def open_source(cfg: DataConfig) -> Sequence:
-    """The random-access record source `cfg` names."""
-    data_dir = cfg.data_dir or None
-    if cfg.source == "corpus":
-        return builders.corpus_dataset(data_dir)[cfg.split]
-    if cfg.source == "jsonl":
-        files = [f.strip() for f in cfg.files.split(",") if f.strip()]
-        return builders.jsonl_dataset("jaxllm_jsonl", files, fields=(cfg.text_key,), data_dir=data_dir)[cfg.split]
-    return sources.catalog_source(cfg.name, cfg.split, data_dir=data_dir)
-
-
-def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-    return Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else Tokenizer.default()
-
+# ----------------------------------------------------------------------------- state
 
 def shardings_like_params(tree, params, param_shardings, mesh):
     """Shardings for `tree` (e.g. abstract optimizer state) whose leaves mirror parameters: a leaf
     whose key path ends with a parameter's path and has its shape gets that parameter's sharding
-    (Adam moments); anything else (counts, scalars) is replicated. XLA would replicate them: zeros
-    do not inherit the sharding of the params they were shaped after."""
+    (Adam moments, momenta, anchors); anything else (counts, scalars) is replicated. XLA would
+    replicate them: zeros do not inherit the sharding of the params they were shaped after."""
     by_path = {tuple(map(str, path)): (leaf.shape, sharding) for (path, leaf), sharding in zip(
         jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -87,20 +140,37 @@ def shardings_like_params(tree, params, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def init_train_state(cfg: TrainConfig, mesh, optimizer) -> TrainState:
-    """Step-0 state with every array born sharded: params by the logical rules, optimizer moments
-    like their params, step and rng replicated."""
-    init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
-    model = llama.Llama(cfg.model)
-    variables, shardings = rules.init_sharded(
-        lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32)), mesh, rules.DEFAULT_RULES, init_rng)
-    params, param_shardings = variables["params"], shardings["params"]
+def place_params(init_or_params, mesh, rng):
+    """Params on `mesh`, every array born (or copied) sharded by its logical axes.
+
+    A callable is an init `rng -> params` run under jit with the shardings its output's flax
+    logical-axis boxes name (e.g. `lambda r: llama.init_params(cfg, r, boxed=True)`): no full copy
+    ever lives on one device. A pytree is copied onto the mesh (the caller keeps its arrays; the
+    train step donates its own): boxed leaves (`llama.box_params`) by their logical axes, plain
+    arrays replicated."""
+    mesh_rules = rules.mesh_rules(rules.DEFAULT_RULES, mesh)
+    if callable(init_or_params):
+        return rules.init_sharded(init_or_params, mesh, rules.DEFAULT_RULES, rng)[0]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_rules):
+        shardings = rules.param_shardings(init_or_params, mesh, mesh_rules)
+    return jax.device_put(nn.meta.unbox(init_or_params), shardings, may_alias=False)
+
+
+def init_train_state(init_or_params, optimizer: optax.GradientTransformation, mesh, seed: int) -> TrainState:
+    """Step-0 state with every array on `mesh`: params by the logical rules (`place_params`, init
+    from the first half of `key(seed)`), optimizer moments like their params, step and rng (the
+    second half) replicated."""
+    init_rng, state_rng = jax.random.split(jax.random.key(seed))
+    params = place_params(init_or_params, mesh, init_rng)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = shardings_like_params(jax.eval_shape(optimizer.init, params), params, param_shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     replicated = NamedSharding(mesh, PartitionSpec())
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                       opt_state=opt_state, rng=jax.device_put(jax.random.key_data(state_rng), replicated))
 
+
+# ----------------------------------------------------------------------------- loop pieces
 
 @contextlib.contextmanager
 def sigterm_event():
@@ -130,41 +200,48 @@ def _global_batch(local: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def _window_record(window: list[dict], timed: int, elapsed: float, learning_rate: float, ideal_step_s: float,
-                   tokens_per_step: int) -> dict:
-    """The metrics record of the steps in `window`: mean loss and grad norm, and the speed of the
-    `timed` ones (None while only the compiling step ran). `ideal_step_s` is the step time at
-    100% MFU (model FLOPs per step / peak FLOP/s)."""
-    record = {"loss": float(np.mean([m["loss"] for m in window])),
-              "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
-              "learning_rate": learning_rate, "step_time_s": None, "tokens_per_s": None, "mfu": None}
+def _window_record(window: list[dict], timed: int, elapsed: float, cfg: LoopConfig, step: int,
+                   ideal_step_s: float | None) -> dict:
+    """The record of the steps in `window`: the mean of every step metric, the learning rate, and
+    the speed of the `timed` ones (None while only the compiling step ran). `ideal_step_s` is
+    the step time at 100% MFU (None: FLOPs not declared)."""
+    record = {k: float(np.mean([m[k] for m in window])) for k in window[0] if k != "finite"}
+    if cfg.learning_rate is not None:
+        record["learning_rate"] = float(cfg.learning_rate(step - 1))
+    record.update(step_time_s=None, tokens_per_s=None, mfu=None)
     if timed:
         step_time = elapsed / timed
-        record.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time, mfu=ideal_step_s / step_time)
+        record["step_time_s"] = step_time
+        if cfg.tokens_per_step:
+            record["tokens_per_s"] = cfg.tokens_per_step / step_time
+        if ideal_step_s is not None:
+            record["mfu"] = ideal_step_s / step_time
     return record
 
 
-def sample_text(cfg: TrainConfig, tokenizer: Tokenizer, params) -> str:
-    """`cfg.sample_prompt` and its continuation of up to `cfg.sample_tokens` tokens (cut at EOS)."""
-    prompt = tokenizer.encode(cfg.sample_prompt, bos=True)
-    tokens = lm.sample(cfg.model, params, np.asarray([prompt]), cfg.sample_tokens,
-                       temperature=cfg.sample_temperature, rng=jax.random.key(cfg.seed))
-    continuation = [int(t) for t in tokens[0]]
-    if tokenizer.eos_id in continuation:
-        continuation = continuation[:continuation.index(tokenizer.eos_id)]
-    return tokenizer.decode(prompt + continuation)
+def _ideal_step_s(cfg: LoopConfig, devices) -> float | None:
+    if not (cfg.flops_per_token and cfg.tokens_per_step):
+        return None
+    peak, source = (cfg.peak_flops, "declared") if cfg.peak_flops else mfu.peak_flops(devices)
+    if cfg.verbose:
+        print(f"{cfg.flops_per_token:.3g} FLOPs/token; peak {peak:.3g} FLOP/s ({source})", flush=True)
+    return cfg.tokens_per_step * cfg.flops_per_token / peak
 
 
-def fit(cfg: TrainConfig, workdir: str | os.PathLike, *, devices: Sequence[jax.Device] | None = None,
-        until_step: int | None = None) -> FitResult:
-    """Trains `cfg` in `workdir` (created if missing), resuming from its newest good checkpoint.
+def fit(loss_fn: LossFn, optimizer: optax.GradientTransformation, batches: Batches | Iterator[dict],
+        init_or_params, workdir: str | os.PathLike, loop_config: LoopConfig, *, hooks: Sequence[Hook] = (),
+        devices: Sequence[jax.Device] | None = None, until_step: int | None = None) -> FitResult:
+    """Trains `init_or_params` with `loss_fn` and `optimizer` on `batches` in `workdir` (created if
+    missing), resuming from its newest good checkpoint.
 
-    `devices` (default: all) are the devices `cfg.mesh` is laid over. `until_step` ends this call
-    early, with a checkpoint, after that step (a time-sliced job; the schedule still spans
-    `cfg.steps`, so a later call continues the same run). Returns a `FitResult`;
-    raises FloatingPointError naming the step at a non-finite loss, ValueError on a config that
-    does not fit the mesh or tokenizer, or when every checkpoint in workdir is unreadable.
+    `loss_fn(params, batch, rng) -> (loss, aux)` as `jaxllm.train.step` documents; `init_or_params`
+    is an init callable or a params pytree (`place_params`); `devices` (default: all) carry the
+    mesh `loop_config.mesh`. `until_step` ends this call early, with a checkpoint, after that step
+    (a time-sliced job; schedules still span `loop_config.steps`, so a later call continues the
+    same run). Raises FloatingPointError naming the step at a non-finite loss, ValueError on a
+    batch that does not split over the mesh, or when every checkpoint in workdir is unreadable.
     """
+    cfg = loop_config
     last = cfg.steps if until_step is None else until_step
     if not 1 <= last <= cfg.steps:
         raise ValueError(f"until_step must be in [1, steps={cfg.steps}], got {until_step}")
@@ -172,35 +249,25 @@ def fit(cfg: TrainConfig, workdir: str | os.PathLike, *, devices: Sequence[jax.D
     workdir.mkdir(parents=True, exist_ok=True)
     devices = list(jax.devices() if devices is None else devices)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    cfg.check_data_parallel(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
-    tokenizer = load_tokenizer(cfg.data)
-    cfg.check_vocab(tokenizer.vocab_size)
-    batches = sources.lm_batches(
-        open_source(cfg.data), tokenizer, batch_size=cfg.batch_size // jax.process_count(), seq_len=cfg.seq_len,
-        seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing, text_key=cfg.data.text_key,
-        worker_count=cfg.data.worker_count)
-    optimizer, schedule = optim.make_optimizer(cfg.optimizer, cfg.steps)
 
-    state = init_train_state(cfg, mesh, optimizer)
+    state = init_train_state(init_or_params, optimizer, mesh, cfg.seed)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     restored = ckpt.restore_latest(checkpoint.abstract_like(state), batches)
     if restored is not None:
         state = restored
-        print(f"resumed from step {int(state.step)} in {ckpt.directory}", flush=True)
+        if cfg.verbose:
+            print(f"resumed from step {int(state.step)} in {ckpt.directory}", flush=True)
     start = int(state.step)
-
-    peak, peak_source = (cfg.peak_flops, "declared") if cfg.peak_flops else mfu.peak_flops(devices)
-    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.seq_len)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    ideal_step_s = tokens_per_step * flops_per_token / peak
-    print(f"{cfg.model.num_params():,} params on mesh {dict(mesh.shape)}; {flops_per_token:.3g} FLOPs/token; "
-          f"peak {peak:.3g} FLOP/s ({peak_source}); steps {start}->{last} of {cfg.steps}", flush=True)
+    if cfg.verbose:
+        num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+        print(f"{num_params:,} params on mesh {dict(mesh.shape)}; steps {start}->{last} of {cfg.steps}", flush=True)
+    ideal_step_s = _ideal_step_s(cfg, devices)
 
     batch_sharding = rules.logical_sharding(("batch",), mesh)
-    step_fn = make_train_step(lm.lm_loss_fn(cfg.model), optimizer, mesh, grad_accum=cfg.grad_accum,
-                              batch_sharding=batch_sharding)
+    step_fn = make_train_step(loss_fn, optimizer, mesh, grad_accum=cfg.grad_accum, batch_sharding=batch_sharding)
     writer = metrics.MetricsWriter(workdir, start)
     losses: dict[int, float] = {}
+    history: list[dict] = []
     window: list[dict] = []  # host metrics of the steps since the last record
     timed = 0  # steps in `window` that ran after the first (compiling) step
     window_start = None
@@ -230,10 +297,14 @@ def fit(cfg: TrainConfig, workdir: str | os.PathLike, *, devices: Sequence[jax.D
                 if window_start is None:
                     window_start = time.perf_counter()
                 if log_now:
-                    record = _window_record(window, timed, time.perf_counter() - window_start, float(schedule(step - 1)),
-                                            ideal_step_s, tokens_per_step)
+                    record = _window_record(window, timed, time.perf_counter() - window_start, cfg, step,
+                                            ideal_step_s)
+                    for hook in hooks:
+                        record.update(hook(step, state, record) or {})
                     writer.write(step, record)
-                    print(metrics.progress_line(step, cfg.steps, record), flush=True)
+                    history.append({"step": step, **record})
+                    if cfg.verbose:
+                        print(metrics.progress_line(step, cfg.steps, record), flush=True)
                     window, timed, window_start = [], 0, time.perf_counter()
                 if save_now:
                     save_start = time.perf_counter()
@@ -248,9 +319,4 @@ def fit(cfg: TrainConfig, workdir: str | os.PathLike, *, devices: Sequence[jax.D
     finally:
         writer.close()
         ckpt.close()
-
-    text = None
-    if cfg.sample_tokens and int(state.step) == cfg.steps:
-        text = sample_text(cfg, tokenizer, state.params)
-        print(f"sample after step {int(state.step)}:\n{text}", flush=True)
-    return FitResult(state=state, losses=losses, preempted=preempted, sample=text)
+    return FitResult(state=state, losses=losses, history=history, preempted=preempted)

@@ -48,13 +48,13 @@ class MetricsWriter:
                                                   purge_step=start_step + 1)
 
     def write(self, step: int, record: dict) -> None:
-        """One record: scalars (None values are omitted from TensorBoard)."""
+        """One record (JSON values; only the numbers go to TensorBoard)."""
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
         self._jsonl.flush()
         for name, value in record.items():
-            if value is not None:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(f"train/{name}", value, step)
 
     def close(self) -> None:
@@ -73,10 +73,16 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(step: int, steps: int, record: dict) -> str:
-    """'step 120/1000 | loss 4.3210 | lr 3.00e-04 | 12,345 tok/s | MFU 41.2% | ETA 3m12s'."""
-    parts = [f"step {step}/{steps}", f"loss {record['loss']:.4f}", f"lr {record['learning_rate']:.2e}",
-             f"grad norm {record['grad_norm']:.3f}"]
+    """'step 120/1000 | loss 4.3210 | lr 3.00e-04 | grad norm 0.812 | 12,345 tok/s | MFU 41.2% | ETA 3m12s'
+    (learning rate, tokens/s and MFU when the record has them)."""
+    parts = [f"step {step}/{steps}", f"loss {record['loss']:.4f}"]
+    if record.get("learning_rate") is not None:
+        parts.append(f"lr {record['learning_rate']:.2e}")
+    parts.append(f"grad norm {record['grad_norm']:.3f}")
     if record.get("tokens_per_s") is not None:
-        eta = (steps - step) * record["step_time_s"]
-        parts += [f"{record['tokens_per_s']:,.0f} tok/s", f"MFU {record['mfu']:.1%}", f"ETA {_duration(eta)}"]
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {record['mfu']:.1%}")
+    if record.get("step_time_s") is not None:
+        parts.append(f"ETA {_duration((steps - step) * record['step_time_s'])}")
     return " | ".join(parts)

@@ -185,13 +185,13 @@ def test_attention_entropy_probe():
     np.testing.assert_allclose(np.asarray(ce.attention_entropy(cfg, params, tokens))[0], entropy, atol=1e-4)
 
 
-def test_sft_scores_only_the_answer_and_takes_the_paper_step_count():
+def test_sft_scores_only_the_answer_and_takes_the_paper_step_count(tmp_path):
     cfg, params = tiny_model()
     task = lc.RetrievalConfig(n_pairs=2, answer_len=2)
     s = lc.retrieval_samples(np.random.default_rng(5), 8, 2 * C, task)
     ext = ce.extended_config(cfg, ce.ContextExtensionConfig("pi", 2 * C))
     data = {"tokens": s["tokens"], "loss_mask": s["answer_mask"]}
-    _, losses = ce.sft(params, ext, data, ce.SFTConfig(batch_size=8, epochs=1, learning_rate=1e-3))
+    _, losses = ce.sft(params, ext, data, ce.SFTConfig(batch_size=8, epochs=1, learning_rate=1e-3), tmp_path / "one")
     logits = np.asarray(forward(ext, params, s["tokens"]), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -200,7 +200,8 @@ def test_sft_scores_only_the_answer_and_takes_the_paper_step_count():
     assert losses == [pytest.approx(expected, rel=1e-5)]
 
     hundred = {k: np.concatenate([v] * 13)[:100] for k, v in data.items()}
-    _, losses = ce.sft(params, ext, hundred, ce.SFTConfig(batch_size=32, epochs=2, learning_rate=1e-3))
+    _, losses = ce.sft(params, ext, hundred, ce.SFTConfig(batch_size=32, epochs=2, learning_rate=1e-3),
+                       tmp_path / "paper")
     assert len(losses) == 6 and all(np.isfinite(losses))
 
 
@@ -222,17 +223,17 @@ def test_retrieval_hits_is_greedy_exact_match():
     np.testing.assert_array_equal(ce.retrieval_hits(cfg, params, dict(s, tokens=tokens)), expected)
 
 
-def test_config_validation_names_the_value():
+def test_config_validation_names_the_value(tmp_path):
     with pytest.raises(ValueError, match="unknown context-extension method 'rerope'"):
         ce.ContextExtensionConfig("rerope", 256)
     with pytest.raises(ValueError, match="target_len 64 does not extend the pretrained window 64"):
         ce.extended_config(tiny_model()[0], ce.ContextExtensionConfig("abf", 64))
     with pytest.raises(ValueError, match="fine-tuning rows have 300 tokens, the model's max_len is 256"):
         ce.sft({}, presets.get("tiny", max_len=256), {"tokens": np.zeros((2, 300)), "loss_mask": np.zeros((2, 300))},
-               ce.SFTConfig())
+               ce.SFTConfig(), tmp_path)
     with pytest.raises(ValueError, match="2 fine-tuning samples do not fill one batch of 32"):
         ce.sft({}, presets.get("tiny", max_len=256), {"tokens": np.zeros((2, 30)), "loss_mask": np.zeros((2, 30))},
-               ce.SFTConfig())
+               ce.SFTConfig(), tmp_path)
 
 
 # ----------------------------------------------------------------------------- end to end

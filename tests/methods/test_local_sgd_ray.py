@@ -86,8 +86,10 @@ def _kill_mid_job(ray, cfg, replace: bool, emulate_speed: float):
 def test_killing_a_worker_mid_job_leaves_the_others_training(ray_local):
     """Worker 1 is killed while it holds an open job and is not replaced: the job never reaches the
     model, the other workers sync the whole budget and the model stays finite."""
-    # worker 1 is slow (2 s of real time a job), so it is still inside its job when it is killed
-    cfg = _cfg(total_local_steps=90, grace_period=0.0, seconds_per_step=(0.5, 10.0, 1.5))
+    # worker 1 is padded to 40 s of real time a step (200 s a job), so the kill lands inside its job
+    # however loaded the machine is (a 2 s job finished between the status read and the kill on a
+    # busy CPU); the run does not wait for it: the others finish the budget
+    cfg = _cfg(total_local_steps=90, grace_period=0.0, seconds_per_step=(0.5, 1000.0, 1.5))
     history, killed_job = _kill_mid_job(ray_local, cfg, False, 0.04)
     assert {a.worker for a in history.arrivals if a.job_id > killed_job} == {0, 2}
 

@@ -1,5 +1,4 @@
-"""LM objective on packed rows against float64 NumPy on unpacked documents; the KV-cache sampler
-against exact sequential greedy decoding with the full forward pass."""
+"""LM objective on packed rows against float64 NumPy on unpacked documents."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,42 +49,3 @@ def test_packed_loss_equals_unpacked_float64_reference(params):
     count = sum(len(d) - 1 for d in docs)
     assert float(den) == count and aux == {}
     np.testing.assert_allclose(float(num) / float(den), nll / count, rtol=2e-6)
-
-
-def test_greedy_sample_equals_sequential_full_forward(params):
-    prompt = np.array([[5, 17, 99, 3], [250, 8, 8, 41]], np.int32)
-    got = np.asarray(lm.sample(CFG, params, prompt, 10))
-    # One fixed-length buffer (one compile): causal attention makes the zeros after position t
-    # invisible to the logits at t.
-    T = prompt.shape[1]
-    seq = np.zeros((2, T + 10), np.int32)
-    seq[:, :T] = prompt
-    forward = jax.jit(lambda tokens: llama.forward(CFG, params, tokens))
-    for t in range(T, T + 10):
-        seq[:, t] = np.asarray(forward(jnp.asarray(seq))[:, t - 1]).argmax(-1)
-    np.testing.assert_array_equal(got, seq[:, T:])
-
-
-def test_temperature_sampling_is_seeded_and_follows_the_distribution(params):
-    prompt = np.array([[5, 17, 99, 3]], np.int32)
-    a = lm.sample(CFG, params, prompt, 6, temperature=1.0, rng=jax.random.key(1))
-    b = lm.sample(CFG, params, prompt, 6, temperature=1.0, rng=jax.random.key(1))
-    np.testing.assert_array_equal(a, b)
-    # Near-zero temperature concentrates all mass on the argmax.
-    cold = lm.sample(CFG, params, prompt, 6, temperature=1e-4, rng=jax.random.key(2))
-    np.testing.assert_array_equal(cold, lm.sample(CFG, params, prompt, 6))
-    # The first sampled token's frequency over many rows matches its softmax probability.
-    rows = np.repeat(prompt, 512, axis=0)
-    first = np.asarray(lm.sample(CFG, params, rows, 1, temperature=1.0, rng=jax.random.key(3)))[:, 0]
-    probs = np.exp(log_softmax64(llama.forward(CFG, params, jnp.asarray(prompt))[0, -1]))
-    top = int(probs.argmax())
-    assert abs(np.mean(first == top) - probs[top]) < 4 * np.sqrt(probs[top] * (1 - probs[top]) / len(first)) + 1e-3
-
-
-def test_sample_rejects_bad_requests(params):
-    with pytest.raises(ValueError, match="exceeds the model's max_len 512"):
-        lm.sample(CFG, params, np.zeros((1, 500), np.int32), 13)
-    with pytest.raises(ValueError, match="num_tokens must be >= 1, got 0"):
-        lm.sample(CFG, params, np.zeros((1, 4), np.int32), 0)
-    with pytest.raises(ValueError, match=r"\[B, T\] array .* shape \(4,\)"):
-        lm.sample(CFG, params, np.zeros((4,), np.int32), 2)

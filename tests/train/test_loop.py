@@ -1,4 +1,4 @@
-"""fit: exact resume, SIGTERM, non-finite loss, 8-device sharding, metrics files, config errors.
+"""fit (through its pre-training caller `pretrain`): exact resume, SIGTERM, non-finite loss, 8-device sharding, metrics files, config errors.
 
 All runs use the tiny preset (vocab widened to the shipped tokenizer's 4096) on the embedded
 corpus, 8 rows of 32 tokens, a few steps.
@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 
 from jaxllm.data import sources
 from jaxllm.model import presets
-from jaxllm.train import checkpoint, loop, metrics
+from jaxllm.train import checkpoint, metrics, pretrain
 from jaxllm.train.config import TrainConfig
 from jaxllm.train.optim import OptimizerConfig
 
@@ -45,13 +45,13 @@ def straight(tmp_path_factory):
     """STEPS steps in one call, then a sample."""
     workdir = tmp_path_factory.mktemp("straight")
     cfg = tiny_config(sample_tokens=8, sample_prompt="The")
-    return loop.fit(cfg, workdir, devices=ONE_DEVICE), workdir
+    return pretrain.pretrain(cfg, workdir, devices=ONE_DEVICE), workdir
 
 
 def batches():
     """A fresh data iterator of the pipeline `fit` builds for `tiny_config()`."""
     cfg = tiny_config()
-    return real_lm_batches(loop.open_source(cfg.data), loop.load_tokenizer(cfg.data), batch_size=cfg.batch_size,
+    return real_lm_batches(pretrain.open_source(cfg.data), pretrain.load_tokenizer(cfg.data), batch_size=cfg.batch_size,
                            seq_len=cfg.seq_len, seed=cfg.seed)
 
 
@@ -72,14 +72,16 @@ def test_straight_run_logs_and_checkpoints(straight):
     assert records[1]["learning_rate"] == pytest.approx(3e-3)  # end of the 2-step warmup
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
-    assert result.sample.startswith("The") and len(result.sample) > len("The")
+    sample = records[-1]["sample"]
+    assert sample == result.history[-1]["sample"] and sample.startswith("The") and len(sample) > len("The")
+    assert all("sample" not in r for r in records[:-1])
 
 
 def test_resume_is_bit_identical(straight, tmp_path):
     result, straight_dir = straight
-    first = loop.fit(tiny_config(), tmp_path, devices=ONE_DEVICE, until_step=STEPS // 2)
+    first = pretrain.pretrain(tiny_config(), tmp_path, devices=ONE_DEVICE, until_step=STEPS // 2)
     assert int(first.state.step) == STEPS // 2
-    second = loop.fit(tiny_config(), tmp_path, devices=ONE_DEVICE)
+    second = pretrain.pretrain(tiny_config(), tmp_path, devices=ONE_DEVICE)
     assert sorted(second.losses) == list(range(STEPS // 2 + 1, STEPS + 1)), "resumed at the checkpoint"
     assert {**first.losses, **second.losses} == result.losses
     assert_bit_identical(second.state, result.state)
@@ -112,13 +114,13 @@ def test_sigterm_saves_then_resume_finishes_identically(straight, tmp_path, monk
     result, _ = straight
     monkeypatch.setattr(sources, "lm_batches", lambda *a, **k: SignalAt(real_lm_batches(*a, **k), at=2))
     handler_before = signal.getsignal(signal.SIGTERM)  # another library (e.g. ray) may own it
-    stopped = loop.fit(tiny_config(), tmp_path, devices=ONE_DEVICE)
+    stopped = pretrain.pretrain(tiny_config(), tmp_path, devices=ONE_DEVICE)
     assert stopped.preempted and int(stopped.state.step) == 2
     assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
     assert signal.getsignal(signal.SIGTERM) is handler_before, "the previous handler is restored"
 
     monkeypatch.setattr(sources, "lm_batches", real_lm_batches)
-    resumed = loop.fit(tiny_config(), tmp_path, devices=ONE_DEVICE)
+    resumed = pretrain.pretrain(tiny_config(), tmp_path, devices=ONE_DEVICE)
     assert not resumed.preempted and sorted(resumed.losses) == [3, 4, 5, 6]
     assert_bit_identical(resumed.state, result.state)
 
@@ -138,7 +140,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good(straight, tmp_path, 
     result, straight_dir = straight
     monkeypatch.setattr(sources, "lm_batches", lambda *a, **k: PoisonAt(real_lm_batches(*a, **k), at=5))
     with pytest.raises(FloatingPointError, match=r"step 5\b.*last good checkpoint \(step 3\)"):
-        loop.fit(tiny_config(log_every=4), tmp_path, devices=ONE_DEVICE)  # step 5 is read after 6 runs
+        pretrain.pretrain(tiny_config(log_every=4), tmp_path, devices=ONE_DEVICE)  # step 5 is read after 6 runs
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
     assert ckpt.all_steps() == [3]
     abstract = checkpoint.abstract_like(result.state)
@@ -152,7 +154,7 @@ def test_eight_devices_match_one_device(straight, tmp_path):
     """Same loss curve on a data:2 × fsdp:4 mesh of 8 CPU devices as on 1 device, to 1e-5
     relative (only the order of floating-point reductions differs)."""
     result, _ = straight
-    sharded = loop.fit(tiny_config(mesh="data:2,fsdp:4", checkpoint_every=100), tmp_path)
+    sharded = pretrain.pretrain(tiny_config(mesh="data:2,fsdp:4", checkpoint_every=100), tmp_path)
     up = PartitionSpec("fsdp", "tensor")
     assert sharded.state.params["layers_0"]["mlp"]["up"].sharding.spec == up
     moments = [x for path, x in jax.tree_util.tree_flatten_with_path(sharded.state.opt_state)[0]
@@ -166,13 +168,13 @@ def test_eight_devices_match_one_device(straight, tmp_path):
 
 def test_bad_configs_name_the_values(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size 12 .*data-parallel size 8"):
-        loop.fit(tiny_config(batch_size=12, mesh="fsdp:8"), tmp_path)
+        pretrain.pretrain(tiny_config(batch_size=12, mesh="fsdp:8"), tmp_path)
     with pytest.raises(ValueError, match=r"tokenizer vocab_size 4096 .* model's vocab_size 512"):
-        loop.fit(tiny_config(model=presets.get("tiny")), tmp_path, devices=ONE_DEVICE)
+        pretrain.pretrain(tiny_config(model=presets.get("tiny")), tmp_path, devices=ONE_DEVICE)
     with pytest.raises(ValueError, match=r"seq_len 1024 .* max_len 512"):
         tiny_config(seq_len=1024)
     with pytest.raises(ValueError, match=r"until_step must be in \[1, steps=6\], got 7"):
-        loop.fit(tiny_config(), tmp_path, devices=ONE_DEVICE, until_step=7)
+        pretrain.pretrain(tiny_config(), tmp_path, devices=ONE_DEVICE, until_step=7)
 
 
 def test_metrics_of_a_resumed_run_continue_after_its_checkpoint(tmp_path):

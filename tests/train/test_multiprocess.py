@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxllm.model import llama
-from jaxllm.train import checkpoint, loop
+from jaxllm.train import checkpoint, pretrain
 from jaxllm.train.config import TrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def free_port():
 
 @pytest.mark.slow
 def test_two_process_run_equals_single_process_and_its_checkpoint_reads_in_one(tmp_path, data_file):
-    reference = loop.fit(train_config(data_file), tmp_path / "single")  # this process: 8 fake devices
+    reference = pretrain.pretrain(train_config(data_file), tmp_path / "single")  # this process: 8 fake devices
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2", PYTHONPATH=str(ROOT))
@@ -86,4 +86,4 @@ def test_two_process_run_equals_single_process_and_its_checkpoint_reads_in_one(t
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
     # Resuming the whole run needs the same process count: each data position is one shard's.
     with pytest.raises(ValueError, match=r"different process count.*process_0-of-2.json.*needs process_0-of-1"):
-        loop.fit(train_config(data_file), workdir)
+        pretrain.pretrain(train_config(data_file), workdir)

@@ -6,6 +6,7 @@ from typing import Literal
 import numpy as np
 import optax
 
+from jaxllm import configs
 from jaxllm.methods.local_sgd.dylu import dylu_steps, step_microseconds, to_microseconds
 from jaxllm.methods.local_sgd.outer import check_outer_hyperparams, delayed_nesterov, outer_nesterov
 
@@ -107,13 +108,9 @@ class LocalSGDConfig:
 
     @classmethod
     def from_dict(cls, d) -> "LocalSGDConfig":
-        """From a mapping (e.g. an ml_collections ConfigDict's `to_dict()`); sequences become tuples
-        and unknown fields raise ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LocalSGDConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
+        """From a mapping (e.g. an ml_collections ConfigDict's `to_dict()`) through the one config
+        bridge (`jaxllm.configs`): sequences become tuples, unknown fields raise ValueError naming them."""
+        return configs.from_mapping(cls, d)
 
     @property
     def resolved_buffer_size(self) -> int:

@@ -13,22 +13,24 @@ to `shard_sizes`), each an `ArrayShard`.
 
 import dataclasses
 import functools
+import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import optax
 
+from jaxllm import configs
 from jaxllm.data import corpus
+from jaxllm.data.epochs import IndexedBatches
 from jaxllm.data.sources import lm_batches
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.methods.local_sgd.config import LocalSGDConfig
 from jaxllm.methods.local_sgd.task import ArrayShard, EvalLoss, ShardSchedule, WorkerTask
-from jaxllm.model import llama, presets
+from jaxllm.model import llama
 from jaxllm.train.lm import lm_loss_fn
 from jaxllm.train.optim import OptimizerConfig, decay_mask, make_optimizer
-from jaxllm.train.state import init_state
-from jaxllm.train.step import make_train_step
+from jaxllm.train.loop import LoopConfig, fit
 
 Rows = dict[str, np.ndarray]
 
@@ -71,18 +73,9 @@ class CorpusLMConfig:
     def from_dict(cls, model: Mapping[str, Any], lm: Mapping[str, Any]) -> "CorpusLMConfig":
         """From config mappings: `model` = {"preset": name, field: override or None}, `lm` = this
         class's fields with `pretrain` / `inner` as OptimizerConfig mappings. Unknown fields raise."""
-        model, lm = dict(model), dict(lm)
-        preset = model.pop("preset", None)
-        if not preset:
-            raise ValueError(f"model.preset must name a preset of jaxllm.model.presets, got {preset!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"model"}
-        if set(lm) - known:
-            raise ValueError(f"unknown lm fields {sorted(set(lm) - known)}; known: {sorted(known)}")
-        for name in ("pretrain", "inner"):
-            if name in lm:
-                lm[name] = OptimizerConfig(**lm[name])
-        overrides = {k: v for k, v in model.items() if v is not None}
-        return cls(model=presets.get(preset, **overrides), **lm)
+        if "model" in lm:
+            raise ValueError("the lm section cannot hold a model; pass it as `model`")
+        return configs.from_mapping(cls, {"model": model, **lm})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,21 +146,19 @@ def _inner_optimizer(inner: OptimizerConfig):
                              weight_decay=inner.weight_decay, clip_norm=inner.clip_norm)
 
 
-@functools.lru_cache(maxsize=8)
-def _pretrain_step(model: llama.LlamaConfig, pretrain: OptimizerConfig, steps: int):
-    tx, _ = make_optimizer(pretrain, steps)
-    return tx, make_train_step(_loss_fn(model), tx)
-
-
 def _pretrain(cfg: CorpusLMConfig, params, rows: Rows, seed: int):
-    tx, step = _pretrain_step(cfg.model, cfg.pretrain, cfg.pretrain_steps)
-    state = init_state(params, tx, jax.random.key(seed))
-    batches = ArrayShard(rows, cfg.batch_size, seed)
-    losses = []
-    for i in range(cfg.pretrain_steps):
-        state, metrics = step(state, batches(i))
-        losses.append(metrics["loss"])
-    return state.params, float(np.mean(jax.device_get(losses[-10:])))
+    """(params, mean loss of the last 10 steps) after the shared pretraining phase: the LM loss on
+    `rows` through the one loop on one device. A short in-memory phase, so its checkpoints go to a
+    temporary directory."""
+    tx, schedule = make_optimizer(cfg.pretrain, cfg.pretrain_steps)
+    loop_config = LoopConfig(steps=cfg.pretrain_steps, seed=seed, mesh="fsdp:1", log_every=cfg.pretrain_steps,
+                             checkpoint_every=cfg.pretrain_steps, keep_checkpoints=1, learning_rate=schedule,
+                             verbose=False)
+    with tempfile.TemporaryDirectory() as workdir:
+        result = fit(_loss_fn(cfg.model), tx, IndexedBatches(ArrayShard(rows, cfg.batch_size, seed)), params, workdir,
+                     loop_config, devices=jax.devices()[:1])
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    return jax.device_get(result.state.params), float(np.mean(np.asarray(losses[-10:], np.float32)))
 
 
 def build(cfg: CorpusLMConfig, splits: CorpusSplits, lsgd: LocalSGDConfig, seed: int) -> CorpusLM:
