@@ -1,5 +1,5 @@
 """What every absl entry point does first: reject stray arguments, quiet library logging, and join
-a multi-host job when the environment asks for one."""
+a multi-process job when the environment asks for one."""
 import os
 import sys
 
@@ -9,16 +9,16 @@ from absl import logging as absl_logging
 from jaxllm.parallel import distributed
 
 
-def start(argv, *, multihost: bool = False) -> None:
+def start(argv) -> None:
     """Call at the top of `main(argv)`. orbax logs every save at INFO, so logging drops to WARNING
-    unless `--verbosity` is given. `multihost` runs `jax.distributed.initialize()` when the
-    environment describes several hosts (a TPU VM pod), before any device is touched."""
+    unless `--verbosity` is given. `jax.distributed.initialize()` runs when the environment
+    describes a multi-process job (a TPU VM pod, Slurm, Open MPI, or `JAX_COORDINATOR_ADDRESS`
+    with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`), before any device is touched."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
-    if multihost:
-        distributed.maybe_initialize()
+    distributed.maybe_initialize()
 
 
 # Errors a user can cause with a flag, a config field or an input file: each names the bad value in

@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    common.start(argv, multihost=True)
+    common.start(argv)
     result = pretrain.pretrain(config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
     if result.preempted:
         sys.exit(128 + signal.SIGTERM)

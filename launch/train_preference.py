@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    common.start(argv, multihost=True)
+    common.start(argv)
     config = _CONFIG.value.to_dict()
     cfg = preference.from_dict(config)
     params = None

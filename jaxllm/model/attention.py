@@ -32,6 +32,17 @@ def grouped_attention(q_BTHK, k_BCGK, v_BCGK, mask_BTC):
     return out_BTGRK.reshape(B, T, H, K)
 
 
+def masked_attention(name: str, q_BTHK, k_BSGK, v_BSGK, mask_BTS):
+    """`grouped_attention` under an arbitrary mask, by implementation name (see
+    `jaxllm.model.kernels`): "cudnn" passes the mask to cuDNN's fused attention; the Pallas TPU
+    kernels ("splash", "flash") take only static masks, not per-row cache lengths, so they run the
+    XLA path here."""
+    if name == "cudnn":
+        return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask_BTS[:, None], scale=1.0,
+                                            implementation="cudnn")
+    return grouped_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS)
+
+
 def causal_segment_mask(segment_ids_BT):
     """Token t sees token s iff s <= t and both lie in the same packed segment."""
     T = segment_ids_BT.shape[1]
@@ -51,10 +62,12 @@ class DenseKVCache:
     """Contiguous per-row cache: row b holds `lengths_B[b]` tokens at slots 0..lengths_B[b]-1.
 
     Each call appends T tokens per row; query t of row b sees slots <= lengths_B[b] + t.
+    `attention` names the implementation (`masked_attention`).
     """
 
     layers: DenseLayerKV | None
     lengths_B: jax.Array
+    attention: str = flax.struct.field(pytree_node=False, default="xla")
 
     @property
     def capacity(self) -> int:
@@ -67,17 +80,18 @@ class DenseKVCache:
         T, C = q_BTHK.shape[1], k_BCGK.shape[1]
         last_BT = self.lengths_B[:, None] + jnp.arange(T)[None]
         mask_BTC = jnp.arange(C)[None, None] <= last_BT[:, :, None]
-        return grouped_attention(q_BTHK, k_BCGK, v_BCGK, mask_BTC), DenseLayerKV(k_BCGK, v_BCGK)
+        out_BTHK = masked_attention(self.attention, q_BTHK, k_BCGK, v_BCGK, mask_BTC)
+        return out_BTHK, DenseLayerKV(k_BCGK, v_BCGK)
 
     def advance(self, layers: DenseLayerKV, num_new: int) -> "DenseKVCache":
-        return DenseKVCache(layers=layers, lengths_B=self.lengths_B + num_new)
+        return self.replace(layers=layers, lengths_B=self.lengths_B + num_new)
 
     def default_positions(self, T: int):
         return self.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
 
 
 def init_dense_cache(n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                     dtype=jnp.float32) -> DenseKVCache:
+                     dtype=jnp.float32, attention: str = "xla") -> DenseKVCache:
     shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
     return DenseKVCache(layers=DenseLayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
-                        lengths_B=jnp.zeros((batch,), jnp.int32))
+                        lengths_B=jnp.zeros((batch,), jnp.int32), attention=attention)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.model.llama import Llama, LlamaConfig
+from jaxllm.serve import sharding
 from jaxllm.serve.cache import KVSpec, RaggedBatch, copy_blocks, init_kv_pool
 from jaxllm.serve.detokenize import IncrementalText
 from jaxllm.serve.paged_attention import AttentionFn, PagedKVCache, commit, paged_attention
@@ -131,13 +132,17 @@ class Engine:
     over a finished request; `abort(id)` drops an unfinished one. `tokenizer` (anything with
     `decode(ids) -> str`) enables text and `stop` strings. Weights can be swapped between runs
     with `set_params` (which also drops the prefix cache, whose K/V belong to the old weights).
+
+    `mesh`: shard a `LlamaConfig` model's weights and KV pool over the mesh's `tensor` axis
+    (`jaxllm.serve.sharding`); the step runs under it.
     """
 
     def __init__(self, model: LlamaConfig | LogitsFn, params, *, token_budget: int = 256, block_size: int = 16,
                  num_blocks: int = 1024, max_seqs: int = 64, policy: str = "splitfuse", reserve: str = "prompt",
                  buckets: SequenceABC[int] | None = None, context_buckets: SequenceABC[int] | None = None,
                  prefix_caching: bool = True, max_model_len: int | None = None, kv_spec=None,
-                 vocab_size: int | None = None, attention: AttentionFn = paged_attention, tokenizer=None):
+                 vocab_size: int | None = None, attention: AttentionFn = paged_attention, tokenizer=None,
+                 mesh: jax.sharding.Mesh | None = None):
         if isinstance(model, LlamaConfig):
             if kv_spec is not None or vocab_size is not None:
                 raise ValueError("kv_spec and vocab_size come from the LlamaConfig; pass them only with a LogitsFn")
@@ -150,6 +155,11 @@ class Engine:
             logits_fn, self._score_fn = model, None
         else:
             raise ValueError(f"model must be a LlamaConfig or a LogitsFn, got {type(model).__name__}")
+        if mesh is not None and not isinstance(model, LlamaConfig):
+            raise ValueError("an engine on a mesh needs the model as a LlamaConfig (its axis names say how to shard it)")
+        if mesh is not None:
+            sharding.check_mesh(model, mesh)
+        self.mesh, self._model_cfg = mesh, model
         specs, self._treedef = jax.tree.flatten(kv_spec)
         bad = [s for s in specs if not isinstance(s, KVSpec)]
         if bad or not specs:
@@ -165,15 +175,20 @@ class Engine:
             context_buckets=tuple(default_context_buckets(max_model_len) if context_buckets is None
                                   else context_buckets))
         self.scheduler = Scheduler(self.cfg)
-        self.params = params
+        self.params = self._place(params)
         self._logits_fn, self._attention = logits_fn, attention
         self._pools = tuple(init_kv_pool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim,
                                          jnp.dtype(s.dtype)) for s in specs)
+        pinned = {}
+        if mesh is not None:
+            self._pools = jax.device_put(self._pools, (sharding.pool_sharding(model, mesh),))
+            pinned = dict(out_shardings=(sharding.pool_sharding(model, mesh),))
+        self._context = sharding.step_context(model, mesh)
         self._step_fn = jax.jit(self._device_step)
         self._commit_fn = jax.jit(lambda pools, pending, slots: tuple(map(commit, pools, pending, slots)),
-                                  donate_argnums=(0,))
+                                  donate_argnums=(0,), **pinned)
         self._copy_fn = jax.jit(lambda pools, src, dst: tuple(copy_blocks(p, src, dst) for p in pools),
-                                donate_argnums=(0,))
+                                donate_argnums=(0,), **pinned)
         self.tokenizer = tokenizer
         self._outputs: dict[int, _Output] = {}  # per sequence id
         self._seqs: dict[int, list] = {}  # request id -> its Sequences (for text state and abort)
@@ -239,7 +254,10 @@ class Engine:
         if self.has_unfinished():
             raise ValueError("cannot change params while requests are in flight")
         self.reset_prefix_cache()
-        self.params = params
+        self.params = self._place(params)
+
+    def _place(self, params):
+        return params if self.mesh is None else sharding.shard_params(self._model_cfg, params, self.mesh)
 
     def _prepare(self, label, prompt, sampling):
         """Validated (scheduler tokens, prompt_key, streams) of one request; raises ValueError.
@@ -458,15 +476,24 @@ class Engine:
         return tuple(batches), tuple(offsets)
 
     def _device_step(self, params, pools, batches: tuple[RaggedBatch, ...], offsets, rows, adjust):
-        """Jitted: the LogitsFn on one pass with every member's paged cache (pool read-only), then
-        sampling. Returns (tokens_S, logprobs_S, top_ids_SK, top_logprobs_SK, each member's
-        pending K/V rows)."""
+        """Jitted: `device_step` of this engine's model, under its mesh when it has one."""
         self._num_traces += 1
-        unflatten = lambda xs: jax.tree.unflatten(self._treedef, list(xs))  # noqa: E731
-        caches = [PagedKVCache(pool, b, off, self._attention) for pool, b, off in zip(pools, batches, offsets)]
-        logits_SV, new_caches = self._logits_fn(params, unflatten(b.tokens_T for b in batches),
-                                                unflatten(b.positions_T for b in batches), unflatten(caches))
-        if logits_SV.shape[-1] != self.vocab_size:
-            raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {self.vocab_size}")
-        pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
-        return (*sample_with_top_logprobs(logits_SV, rows, adjust), pending)
+        with self._context():
+            return device_step(self._logits_fn, self._attention, self._treedef, self.vocab_size, params, pools,
+                               batches, offsets, rows, adjust)
+
+
+def device_step(logits_fn: LogitsFn, attention: AttentionFn, treedef, vocab_size: int, params, pools,
+                batches: tuple[RaggedBatch, ...], offsets, rows, adjust=None):
+    """The engine's device program: the LogitsFn on one pass with every member's paged cache (pool
+    read-only; `treedef` arranges the members), then sampling (`adjust`: the pass's penalties and
+    logit biases, None for none). Returns (tokens_S, logprobs_S, top_ids_SK, top_logprobs_SK, each
+    member's pending K/V rows). Pure, so it also lowers ahead of time (`jaxllm.train.aot`)."""
+    unflatten = lambda xs: jax.tree.unflatten(treedef, list(xs))  # noqa: E731
+    caches = [PagedKVCache(pool, b, off, attention=attention) for pool, b, off in zip(pools, batches, offsets)]
+    logits_SV, new_caches = logits_fn(params, unflatten(b.tokens_T for b in batches),
+                                      unflatten(b.positions_T for b in batches), unflatten(caches))
+    if logits_SV.shape[-1] != vocab_size:
+        raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {vocab_size}")
+    pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
+    return (*sample_with_top_logprobs(logits_SV, rows, adjust), pending)

@@ -19,10 +19,8 @@ consecutive tokens of one row), not per token: a pass of T tokens in at most S r
 decodes (one-token rows) read exactly their own context.
 
 The attention is a function argument (`AttentionFn`), the seam for a kernel: the plain-JAX
-`paged_attention` below runs on CPU, GPU and TPU; a Pallas kernel with the same signature replaces
-it on TPU (e.g. one that writes the pass's K/V with `write_kv` and calls
-`jax.experimental.pallas.ops.tpu.ragged_paged_attention` with this batch's `context_len_S`,
-`block_tables_SW` and the row starts implied by `last_index_S`).
+`paged_attention` below runs on CPU, GPU and TPU; on TPU
+`jaxllm.serve.ragged_attention.ragged_paged_attention` runs the Pallas kernel of that name instead.
 
 Row offsets: an ensemble member that sees a shorter prompt than the request's longest (proxy
 tuning's base next to a chat-formatted expert) stores its tokens from table index `offset_S[s]`
