@@ -10,7 +10,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a described topology needs no local chip
 
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from jaxllm.model import presets  # noqa: E402
 from jaxllm.train import aot  # noqa: E402

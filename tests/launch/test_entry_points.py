@@ -35,7 +35,7 @@ def _cases(tmp: pathlib.Path):
         ("workdir is a file", ["launch.train", PRETRAIN, f"--workdir={a_file}"], str(a_file)),
         ("mesh does not fit", ["launch.train", PRETRAIN, f"--workdir={work}", "--config.mesh=fsdp:3"], "fsdp:3"),
         ("non-JSON line", ["launch.train_preference", CPO, f"--workdir={work}", "--config.data.source=jsonl",
-                           f"--config.data.files={bad_jsonl}"], "line 2"),
+                           f"--config.data.files={bad_jsonl}"], f"{bad_jsonl}:2"),
         ("empty input file", ["launch.train_preference", CPO, f"--workdir={work}", "--config.data.source=jsonl",
                               f"--config.data.files={empty}"], str(empty)),
         ("missing model source", ["launch.serve", "--source=/nonexistent/model"], "/nonexistent/model"),
