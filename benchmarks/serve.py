@@ -16,7 +16,7 @@ number of tokens. A second, larger model (vocab 4096, d_model 512, 8 layers, 8 /
 Offline: 16 and 64 prompts of 32 tokens, 128 new tokens each, all submitted at once; output
 tokens/s over the wall time, after one untimed warm-up of the same shape per system.
 
-Online (FastGen methodology scaled to this machine, see /shared/papers/splitfuse.md §6): prompt
+Online (FastGen methodology, arXiv 2401.08671 §4, scaled to this machine): prompt
 and output lengths ~ Normal(mean, 0.3·mean) clipped to >= 1 (prompts <= 400); workloads
 long-prompt/short-output (260, 13) = FastGen's 2600/128 ÷ 10, short (26, 26) (the DeepSpeed-MII
 #395 parity case) and mixed (half (260, 13), half (16, 64)). Rates are fractions of the SplitFuse

@@ -4,7 +4,7 @@ GAE, arXiv 1506.02438), pure and jittable.
 Every array is `[B, T]` over *response* positions: t = 0 is the first generated token, and
 `mask_BT` is 1 on the valid response tokens (the sampled tokens up to and including the one that
 ended the sample). Frozen quantities (old log-probs and values, reference log-probs) are computed
-before the optimisation and travel in the batch (DESIGN.md, objective seam).
+before the optimisation and travel in the batch (the objective seam of the README's seam table).
 
 Reductions: `"sequence_mean"` averages each row over its valid tokens, then averages the rows (the
 paper's code, lqtrung1998/mwp_ReFT `train_rl_reft.py`); `"token_mean"` averages over all valid

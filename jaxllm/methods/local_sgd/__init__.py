@@ -1,7 +1,7 @@
 """Asynchronous Local-SGD with delayed Nesterov and dynamic local updates (arXiv 2401.09135).
 
-Spec: shared/papers/local_sgd.md. Everything here is host-side Python/NumPy or a pure optax
-transform; a trainer composes it with the ordinary jitted inner train step.
+Everything here is host-side Python/NumPy or a pure optax transform; a trainer composes it with
+the ordinary jitted inner train step.
 
 Outer optimizers (`outer.py`), optax `GradientTransformation`s fed with one pseudo-gradient
 g = θ_start − θ_local per call and returning the update to *add* (θ ← optax.apply_updates(θ, u)):

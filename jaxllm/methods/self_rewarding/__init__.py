@@ -1,5 +1,5 @@
 """Self-Rewarding Language Models (arXiv 2401.10020): one model as actor and judge, iterated DPO on
-pairs it ranks itself (DESIGN.md, loop seam).
+pairs it ranks itself (the loop seam of the README's seam table).
 
     judging.py judge prompt templates (`templates/`), `parse_score`, `judge` through the Engine
     pairs.py   `build_pairs`: best vs worst candidate per prompt, with tie / parse statistics
