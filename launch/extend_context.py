@@ -3,12 +3,9 @@ r"""Extend the context window of a trained Llama-family model: RoPE transform + 
   python -m launch.extend_context --source=PATH --output=DIR [--export_hf] \
       --config.method=eabf --config.target_len=512 [--config.window=128 --config.abf_base=19650 ...]
 
-`--source` is any of
-- a jaxllm model directory (`config.json` + orbax `params/`), e.g. the output of this script;
-- a Hugging Face Llama folder (`config.json` + safetensors), read by `jaxllm.model.hf.load`;
-- a `jaxllm.train.loop.fit` workdir (`checkpoints/`): its newest checkpoint's params, verified
-  against the checkpoint's fingerprint; the model is `--config.model.preset` plus overrides (and
-  `--config.model.rope_theta` for a non-default RoPE base), as in the training config.
+`--source` is any model source of `jaxllm.model.load_model`: a jaxllm model directory (e.g. the
+output of this script), a `launch.train` workdir (its newest checkpoint; the run recorded its model
+config) or a Hugging Face Llama folder. Its tokenizer, when it carries one, travels to the output.
 
 The fine-tuning data (`config.data`) is either the long-context retrieval task of
 `jaxllm.data.tasks.long_context` at the target length (`kind="retrieval"`; its toy vocabulary,
@@ -16,13 +13,10 @@ for models trained on it), or pre-tokenised long samples (`kind="jsonl"`: one JS
 line with `tokens` and `loss_mask`, e.g. chats with the mask on response tokens; rows shorter
 than the longest are right-padded with mask 0).
 
-The output directory is a jaxllm model directory: `params/` (orbax) and `config.json`, which is
-the HF config of the extended model (`jaxllm.model.hf.config_to_hf`: `rope_theta` and
-`rope_scaling`/`rope_parameters` for the HF-expressible methods; entropy-aware ABF's logit scale
-under the `jaxllm_logit_scale` key, which transformers ignores) plus a `jaxllm` entry with the
-fields HF has no name for (max_len, compute dtype, remat, scan_layers). `--export_hf` also writes
-`DIR/hf` with `jaxllm.model.hf.save`; for `eabf`/`eabf_all` transformers runs that folder as
-plain ABF (identical up to the pretrained window, different beyond it).
+The output directory is a jaxllm model directory (`jaxllm.model.save_model`: `config.json` with the
+full extended `LlamaConfig`, orbax `params/`, the tokenizer). `--export_hf` also writes `DIR/hf`
+(`jaxllm.model.hf.save`, as `launch.export_hf` does); for `eabf`/`eabf_all` transformers runs that
+folder as plain ABF (identical up to the pretrained window, different beyond it).
 """
 from __future__ import annotations
 
@@ -31,28 +25,23 @@ import os
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.data.tasks import long_context
 from jaxllm.methods import context_extension as ce
-from jaxllm.model import hf, rope
-from jaxllm import configs
-from jaxllm.train.model_dir import load_model, save_model
+from jaxllm.model import hf, load_model, load_tokenizer, rope, save_model
 from launch import common
 
 def get_config() -> ml_collections.ConfigDict:
     """Every field of the run, with defaults (the paper's recipe: EABF, 100 samples, 2 epochs at
     batch 32, lr 2e-5)."""
-    model = configs.model_section({"preset": ""})
-    model["rope_theta"] = 0.0
     return ml_collections.ConfigDict({
         "method": "eabf", "target_len": 16384, "window": 0, "abf_base": 500_000.0, "unscaled_layers": (0, 1),
         "beta_fast": 32.0, "beta_slow": 1.0,
         "sft": ml_collections.ConfigDict(vars(ce.SFTConfig())),
         "data": {"kind": "retrieval", "path": "", "n_samples": 100, "n_pairs": 4, "answer_len": 2,
                  "filler": "corpus", "seed": 0},
-        "model": model,
     })
 
 
@@ -95,20 +84,24 @@ def sft_data(data: dict, target_len: int, vocab_size: int) -> dict:
 
 def run(config: ml_collections.ConfigDict, source: str, output: str, export_hf: bool = False):
     """Load, extend, save (and export). Returns (extended config, params, per-step SFT losses)."""
-    model_cfg, params = load_model(source, config.model.to_dict())
+    model_cfg, params = load_model(source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except FileNotFoundError:
+        tokenizer = None  # e.g. a model of the retrieval task's toy vocabulary
     cfg = extension_config(config)
     new_cfg = ce.extended_config(model_cfg, cfg)
     data = sft_data(config.data.to_dict(), cfg.target_len, model_cfg.vocab_size)
     params, losses = ce.sft(params, new_cfg, data, cfg.sft, os.path.join(output, "sft"))
-    save_model(output, new_cfg, params)
+    save_model(output, new_cfg, params, tokenizer=tokenizer)
     if export_hf:
-        hf.save(os.path.join(output, "hf"), new_cfg, params)
+        hf.save(os.path.join(output, "hf"), new_cfg, params, tokenizer=tokenizer)
     return new_cfg, params, losses
 
 
 def define_flags():
     """The command-line flags (defined only when run as a program, so importing this module for
-    `save_model`/`load_model` leaves the global flag registry alone)."""
+    `run` leaves the global flag registry alone)."""
     config_flags.DEFINE_config_dict("config", get_config(), lock_config=True)
     flags.DEFINE_string("source", None, "Model to extend: jaxllm model dir, HF folder or fit workdir.")
     flags.DEFINE_string("output", None, "Directory for the extended model.")
@@ -127,4 +120,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

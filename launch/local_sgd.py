@@ -20,7 +20,7 @@ import math
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.methods.local_sgd import LocalSGDConfig, lm_task
@@ -74,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

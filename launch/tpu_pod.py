@@ -16,9 +16,10 @@ import os
 import shlex
 import subprocess
 
-from absl import app, flags
+from absl import flags
 
 from jaxllm.parallel import pod
+from launch import common
 
 _NAME = flags.DEFINE_string("name", None, "TPU VM (pod slice) name.", required=True)
 _ZONE = flags.DEFINE_string("zone", None, "Cloud zone, e.g. us-central2-b.", required=True)
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

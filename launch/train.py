@@ -5,7 +5,9 @@ r"""Pre-train a Llama-family model from an ml_collections config file.
 
 Every config field can be overridden with a dotted flag; a misspelt field is an error (the
 config is locked). Running it again with the same workdir resumes from the newest good
-checkpoint. On SIGTERM the run saves a checkpoint and exits with status 143 (128 + SIGTERM), so
+checkpoint. The workdir records the model (`config.json` and the tokenizer), so
+`jaxllm.model.load_model(WORKDIR)` (and `--source=WORKDIR` of every launcher) reads the newest
+checkpoint back without the config file. On SIGTERM the run saves a checkpoint and exits with status 143 (128 + SIGTERM), so
 a supervisor restarts it; the restarted run resumes. All logic lives in `jaxllm.train` (`pretrain`, a caller of the one loop `fit`).
 """
 import signal
@@ -24,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    common.start(argv, multihost=True)
+    common.start(argv)
     result = pretrain.pretrain(config_lib.TrainConfig.from_dict(_CONFIG.value.to_dict()), _WORKDIR.value)
     if result.preempted:
         sys.exit(128 + signal.SIGTERM)

@@ -5,21 +5,25 @@ ml_collections config file.
       [--config.objective.kind=dpo --config.steps=500 --config.init_checkpoint=/tmp/jaxllm_pretrain/checkpoints ...]
 
 The config holds `PreferenceTrainConfig` fields (built with `jaxllm.methods.preference.config_dict`),
-a `data` section (`jaxllm.data.pairs.PairDataConfig`) and `init_checkpoint`: a checkpoint directory of a `launch.train`
-run whose newest params start the policy ("" = random init); the starting params are also DPO's frozen
-reference. Running it again with the same workdir resumes from the newest good checkpoint. On SIGTERM
-the run saves a checkpoint and exits with status 143 (128 + SIGTERM). All logic lives in
+a `data` section (`jaxllm.data.pairs.PairDataConfig`) and `init_checkpoint`: any model source of
+`jaxllm.model.load_model` (a `launch.train` workdir or its `checkpoints/`, a model directory, an HF
+folder) whose params start the policy and whose config replaces `config.model` ("" = random init of
+`config.model`); the starting params are also DPO's frozen reference. The workdir records the model
+(`jaxllm.model.record_model`), so `load_model(WORKDIR)` reads the tuned policy back. Running it
+again with the same workdir resumes from the newest good checkpoint. On SIGTERM the run saves a
+checkpoint and exits with status 143 (128 + SIGTERM). All logic lives in
 `jaxllm.methods.preference` (a caller of the one loop, `jaxllm.train.fit`).
 """
+import dataclasses
 import signal
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.data import pairs as pair_data
 from jaxllm.methods import preference
-from jaxllm.parallel import mesh as mesh_lib
+from jaxllm.model import load_model, record_model
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preference config file (get_config()).", lock_config=True)
@@ -28,15 +32,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    common.start(argv, multihost=True)
+    common.start(argv)
     config = _CONFIG.value.to_dict()
     cfg = preference.from_dict(config)
+    params = None
+    if config["init_checkpoint"]:
+        model_cfg, params = load_model(config["init_checkpoint"])
+        cfg = dataclasses.replace(cfg, model=model_cfg)
     pairs, vocab_size = pair_data.load_pairs(pair_data.PairDataConfig(**config["data"]))
     if vocab_size > cfg.model.vocab_size:
         raise ValueError(f"tokenizer vocab_size {vocab_size} is larger than the model's vocab_size {cfg.model.vocab_size}")
-    params = None
-    if config["init_checkpoint"]:
-        params = preference.load_params(config["init_checkpoint"], cfg.model, mesh_lib.make_mesh(cfg.mesh))
+    record_model(_WORKDIR.value, cfg.model)
     print(f"{len(pairs['chosen_tokens'])} pairs of {pairs['chosen_tokens'].shape[1]} tokens; "
           f"objective {cfg.objective or 'sft'}", flush=True)
     data = pair_data.chosen_rows(pairs) if cfg.objective is None else pairs
@@ -46,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

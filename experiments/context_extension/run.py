@@ -39,10 +39,10 @@ from jaxllm.methods import context_extension as ce  # noqa: E402
 from jaxllm.model import llama, rope  # noqa: E402
 from jaxllm.objectives.lm import nll_loss  # noqa: E402
 from jaxllm.data.epochs import DrawnBatches  # noqa: E402
+from jaxllm.model import load_model, save_model  # noqa: E402
 from jaxllm.train import optim  # noqa: E402
 from jaxllm.train.finetune import start_params  # noqa: E402
 from jaxllm.train.loop import LoopConfig, fit  # noqa: E402
-from jaxllm.train.model_dir import load_model, save_model  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/context_extension/config.py",
                                           "Experiment config file.", lock_config=True)

@@ -66,11 +66,18 @@ def read_triplets(path: str | os.PathLike, keys=("prompt", "chosen", "rejected")
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: invalid JSON ({err})") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         missing = [k for k in keys if not isinstance(record.get(k), str)]
         if missing:
             raise ValueError(f"{path}:{number} lacks text fields {missing}")
         triplets.append(tuple(record[k] for k in keys))
+    if not triplets:
+        raise ValueError(f"preference file {path} holds no records")
     return triplets
 
 

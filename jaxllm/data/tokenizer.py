@@ -1,5 +1,9 @@
 """SentencePiece tokenizer: load any Llama-style `tokenizer.model`, train new ones, chat template.
 
+`load(directory)` reads the tokenizer a model folder carries: `tokenizer.model` as this class,
+or `tokenizer.json` (Llama 3, Mistral) as `jaxllm.data.hf_tokenizer.HFTokenizer`, which has the
+same interface (special ids, encode/decode, `apply_chat`, `save`).
+
 Special ids come from the model file. Models trained here follow Llama-2's layout (unk=0 "<unk>",
 bos=1 "<s>", eos=2 "</s>") and add pad=3 "<pad>". Llama-2's own model has no pad piece (pad_id -1);
 for such models `pad_id` is `unk_id`, a valid embedding row that every mask excludes.
@@ -22,6 +26,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import sentencepiece as spm
 
 ROLES = ("system", "user", "assistant")
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZERS_FILE = "tokenizer.json"
 
 _TRAIN_OPTIONS = dict(
     unk_id=0, bos_id=1, eos_id=2, pad_id=3,
@@ -78,6 +84,12 @@ class Tokenizer:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(model.getvalue())
         return cls(model.getvalue())
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `directory/tokenizer.model`."""
+        path = pathlib.Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / SENTENCEPIECE_FILE).write_bytes(self.model_proto)
 
     # Pickled as the model bytes, so tokenizers travel to data-loader worker processes.
     def __getstate__(self) -> bytes:
@@ -166,6 +178,20 @@ class Tokenizer:
             ids += header
             mask += [0] * len(header)
         return ids, mask
+
+
+def load(directory: str | os.PathLike):
+    """The tokenizer in `directory`: `tokenizer.model` (SentencePiece, preferred when both are
+    present, as in Llama-2 folders) or `tokenizer.json` (`tokenizers` library). FileNotFoundError
+    names a folder with neither."""
+    path = pathlib.Path(directory)
+    if (path / SENTENCEPIECE_FILE).is_file():
+        return Tokenizer.load(path / SENTENCEPIECE_FILE)
+    if (path / TOKENIZERS_FILE).is_file():
+        from jaxllm.data.hf_tokenizer import HFTokenizer
+        return HFTokenizer.load(path)
+    raise FileNotFoundError(f"no tokenizer in {path}: expected {SENTENCEPIECE_FILE} (SentencePiece) or "
+                            f"{TOKENIZERS_FILE} (tokenizers)")
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

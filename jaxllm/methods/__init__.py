@@ -1,1 +1,1 @@
-"""Paper methods as loops and transforms over the core (DESIGN.md, loop seam)."""
+"""Paper methods as loops and transforms over the core (the loop seam of the README's seam table)."""

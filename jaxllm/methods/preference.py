@@ -1,7 +1,7 @@
 """Preference training: a policy tuned on (prompt, chosen, rejected) pairs with CPO or DPO, or SFT on
 rows, as a short caller of the one loop (`jaxllm.train.finetune` → `jaxllm.train.loop.fit`).
 
-The recipe (DESIGN.md, loop seam) composes:
+The recipe (the loop seam of the README's seam table) composes:
 
 * the objective: `jaxllm.objectives.preference.make_preference_loss` (CPO, DPO and their variants and
   NLL weights), or, with `objective=None`, `jaxllm.objectives.sft` on SFT rows (`tokens`, `loss_mask`;

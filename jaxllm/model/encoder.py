@@ -137,8 +137,8 @@ class Attention(nn.Module):
 
         q_BTHK = (proj("q").astype(jnp.float32) * K ** -0.5).astype(cfg.compute_dtype)
         B, T = mask_BT.shape
-        mask_BTS = jnp.broadcast_to(mask_BT[:, None, :] > 0, (B, T, T))
-        out_BTHK = grouped_attention(q_BTHK, proj("k"), proj("v"), mask_BTS)
+        mask_BTC = jnp.broadcast_to(mask_BT[:, None, :] > 0, (B, T, T))
+        out_BTHK = grouped_attention(q_BTHK, proj("k"), proj("v"), mask_BTC)
         return Dense(cfg, (H, K, D), ("heads", None, "embed"), n_in=2, name="o")(out_BTHK)
 
 

@@ -4,7 +4,7 @@
 with `model.safetensors.index.json`. Passing `shardings` (a tree of `jax.sharding.Sharding` shaped
 like the params, e.g. from `jaxllm.parallel.rules`) builds every array with
 `jax.make_array_from_callback`: each device reads only its own slice through safetensors' lazy
-`get_slice`, so a 70B checkpoint never needs a full host copy. `save(path, config, params)` writes a
+`get_slice`, so a 70B checkpoint never needs a full host copy. `save(path, config, params, tokenizer=...)` writes a
 folder that `transformers.LlamaForCausalLM.from_pretrained` loads.
 
 BERT encoders (retrieval) are read by `load_bert` from `jaxllm.model.hf_bert`.
@@ -235,10 +235,13 @@ def load(path: str, shardings=None, dtype=None, **config_overrides):
     return cfg, params
 
 
-def save(path: str, cfg: LlamaConfig, params, max_shard_bytes: int = 4 << 30) -> None:
+def save(path: str, cfg: LlamaConfig, params, max_shard_bytes: int = 4 << 30, tokenizer=None) -> None:
     """Write config.json and safetensors (split into several files with an index past
-    `max_shard_bytes`) that transformers loads as LlamaForCausalLM."""
+    `max_shard_bytes`) that transformers loads as LlamaForCausalLM, and the tokenizer (any object
+    with `save(directory)`, e.g. `jaxllm.data.tokenizer.Tokenizer`) when given."""
     os.makedirs(path, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(path)
     tensors: dict[str, np.ndarray] = {}
     for path_keys, names, m, shape, stacked in _param_entries(cfg):
         value = np.asarray(jax.device_get(_get(params, path_keys)))

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral without sliding window) in flax.linen.
+"""Llama-family decoder (Llama 2/3, Mistral without sliding window) in flax.linen. Shape-suffix
+letters: see the legend in `jaxllm/__init__.py`.
 
 Pre-norm blocks: RMSNorm → grouped-query causal attention with RoPE → residual, RMSNorm → SwiGLU
 MLP → residual; final RMSNorm and an LM head (tied to the embedding or not). Parameters carry
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.model import attention, rope
+from jaxllm.model import attention, kernels, rope
 
 REMAT_POLICIES = {
     "none": None,
@@ -36,7 +37,10 @@ class LlamaConfig:
     n_kv_heads < n_heads gives grouped-query attention (1 = multi-query). `dtype` is the compute
     dtype, `param_dtype` the storage dtype; softmax and losses always run in float32. `remat` is a
     key of REMAT_POLICIES; `scan_layers` stacks the blocks under one `lax.scan` (fast compiles for
-    deep models; parameters get a leading layer axis).
+    deep models; parameters get a leading layer axis). `value_head` adds a linear map D → 1 on the
+    final normed hidden state (the critic of PPO, see `jaxllm.model.value_head`). `attention` names
+    the attention kernel (`jaxllm.model.kernels`: "xla", "splash"/"flash" on TPU, "cudnn" on GPU)
+    and `attention_block_q`/`attention_block_kv` its tiles.
     """
 
     vocab_size: int
@@ -54,6 +58,10 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    value_head: bool = False
+    attention: str = "xla"
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_len"):
@@ -68,6 +76,7 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {sorted(DTYPES)}")
+        kernels.check_config(self.attention, self.attention_block_q, self.attention_block_kv)
 
     @property
     def compute_dtype(self):
@@ -119,7 +128,7 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, layer, mask_BTS=None, cache=None, layer_kv=None):
+    def __call__(self, x_BTD, positions_BT, layer, segment_ids_BT=None, cache=None, layer_kv=None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, H, G, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std = D ** -0.5
@@ -133,8 +142,10 @@ class Attention(nn.Module):
         v_BTGK = jnp.einsum("btd,dgk->btgk", x_BTD, wv)
         scale_BT = rope.query_scale(positions_BT, cfg.rope, layer) * K ** -0.5
         q_BTHK = (q_BTHK.astype(jnp.float32) * scale_BT[:, :, None, None]).astype(dt)
+        kernels.check_backend(cfg.attention)
         if cache is None:
-            out_BTHK = attention.grouped_attention(q_BTHK, k_BTGK, v_BTGK, mask_BTS)
+            out_BTHK = kernels.causal_attention(cfg.attention, q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
+                                                block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
         else:
             out_BTHK, layer_kv = cache.attend(layer_kv, q_BTHK, k_BTGK, v_BTGK)
         out_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK.astype(dt), wo.astype(dt))
@@ -162,10 +173,10 @@ class Block(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BTD, layer_in, positions_BT, mask_BTS, cache):
+    def __call__(self, x_BTD, layer_in, positions_BT, segment_ids_BT, cache):
         layer, layer_kv = layer_in
         h_BTD, layer_kv = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, layer, mask_BTS, cache, layer_kv)
+            RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, layer, segment_ids_BT, cache, layer_kv)
         x_BTD = x_BTD + h_BTD
         x_BTD = x_BTD + Mlp(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", None))
@@ -181,6 +192,8 @@ class Llama(nn.Module):
     - with a KV cache: appends the tokens to it and returns (logits, new cache).
     - `logit_indices_BS` picks the rows that need logits (the LM head runs only on those) and gives
       logits_BSV instead.
+    - `cfg.value_head` (no cache): returns (logits_BTV, values_BT), values in float32. Decoding with
+      a cache never needs values and returns logits only.
     """
 
     cfg: LlamaConfig
@@ -194,10 +207,8 @@ class Llama(nn.Module):
         if positions_BT is None:
             positions_BT = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if cache is None
                             else cache.default_positions(T))
-        mask_BTS = None
-        if cache is None:
-            seg_BT = segment_ids_BT if segment_ids_BT is not None else jnp.zeros((B, T), jnp.int32)
-            mask_BTS = attention.causal_segment_mask(seg_BT)
+        if cache is None and segment_ids_BT is None:
+            segment_ids_BT = jnp.zeros((B, T), jnp.int32)
         embed = Embed(cfg, name="embed")
         x_BTD = embed(tokens_BT)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", None))
@@ -213,12 +224,12 @@ class Llama(nn.Module):
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             layer_ids = jnp.arange(cfg.n_layers)
-            x_BTD, new_kv = scanned(cfg, name="layers")(x_BTD, (layer_ids, layers_kv), positions_BT, mask_BTS, meta)
+            x_BTD, new_kv = scanned(cfg, name="layers")(x_BTD, (layer_ids, layers_kv), positions_BT, segment_ids_BT, meta)
         else:
             outs = []
             for i in range(cfg.n_layers):
                 layer_kv = None if cache is None else jax.tree.map(lambda a, i=i: a[i], layers_kv)
-                x_BTD, kv = block(cfg, name=f"layers_{i}")(x_BTD, (i, layer_kv), positions_BT, mask_BTS, meta)
+                x_BTD, kv = block(cfg, name=f"layers_{i}")(x_BTD, (i, layer_kv), positions_BT, segment_ids_BT, meta)
                 outs.append(kv)
             new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
@@ -233,9 +244,14 @@ class Llama(nn.Module):
         logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(cfg.compute_dtype),
                                 preferred_element_type=jnp.float32)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
-        if cache is None:
-            return logits_BTV
-        return logits_BTV, cache.advance(new_kv, T)
+        if cache is not None:
+            return logits_BTV, cache.advance(new_kv, T)
+        if cfg.value_head:
+            w_D = _param(self, "value_head", (cfg.d_model,), ("embed",), cfg.d_model ** -0.5, cfg)
+            bias = self.param("value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                              cfg.storage_dtype)
+            return logits_BTV, jnp.einsum("btd,d->bt", x_BTD.astype(jnp.float32), w_D.astype(jnp.float32)) + bias
+        return logits_BTV
 
 
 def init_params(cfg: LlamaConfig, rng, *, boxed: bool = False):
@@ -256,7 +272,7 @@ def box_params(cfg: LlamaConfig, params):
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None) -> attention.DenseKVCache:
     """Empty dense KV cache for `batch` rows of up to `max_len` tokens (default cfg.max_len)."""
     return attention.init_dense_cache(cfg.n_layers, batch, max_len or cfg.max_len, cfg.n_kv_heads,
-                                      cfg.head_dim, cfg.compute_dtype)
+                                      cfg.head_dim, cfg.compute_dtype, cfg.attention)
 
 
 def forward(cfg: LlamaConfig, params: Any, tokens_BT, positions_BT=None, segment_ids_BT=None):

@@ -1,4 +1,4 @@
-"""Objectives: pure, jittable losses over logits or sequence log-probs (DESIGN.md, objective seam)."""
+"""Objectives: pure, jittable losses over logits or sequence log-probs (the objective seam of the README's seam table)."""
 from jaxllm.objectives.lm import nll_loss, sequence_logprobs, token_logprobs
 from jaxllm.objectives.sft import make_sft_loss, sft_objective
 from jaxllm.objectives.preference import (

@@ -305,10 +305,13 @@ def preference_objective(chosen_logits_BTV, rejected_logits_BTV, batch, cfg: Pre
     return terms, aux
 
 
-LogitsFn = Callable[..., jax.Array]  # (params, tokens_BT, positions_BT, segment_ids_BT) -> logits_BTV
+ForwardFn = Callable[..., jax.Array]
+"""A batch forward, `(params, tokens_BT, positions_BT, segment_ids_BT) -> logits_BTV`: every
+position's logits of a padded batch (unlike the engine's `jaxllm.serve.LogitsFn`, one row per
+sequence of a ragged pass with a KV cache)."""
 
 
-def _pair_logits(logits_fn: LogitsFn, params, batch):
+def _pair_logits(logits_fn: ForwardFn, params, batch):
     """One forward over [chosen; rejected] stacked along the batch axis; returns both halves' logits.
 
     `chosen_positions`/`chosen_segment_ids` (and the rejected ones) are used when present, else None."""
@@ -323,11 +326,11 @@ def _pair_logits(logits_fn: LogitsFn, params, batch):
         chosen, rejected = batch.get(f"chosen_{name}"), batch.get(f"rejected_{name}")
         return None if chosen is None or rejected is None else jnp.concatenate([jnp.asarray(chosen), jnp.asarray(rejected)])
 
-    logits_STV = logits_fn(params, stacked("tokens"), stacked("positions"), stacked("segment_ids"))
-    return jnp.split(logits_STV, 2, axis=0)
+    both_logits_BTV = logits_fn(params, stacked("tokens"), stacked("positions"), stacked("segment_ids"))  # B = 2 × pairs
+    return jnp.split(both_logits_BTV, 2, axis=0)
 
 
-def make_preference_loss(logits_fn: LogitsFn, cfg: PreferenceConfig):
+def make_preference_loss(logits_fn: ForwardFn, cfg: PreferenceConfig):
     """loss_fn(params, batch, rng) -> ({term: (num, den)}, aux) for `jaxllm.train.step.make_train_step`.
 
     `logits_fn(params, tokens_BT, positions_BT, segment_ids_BT) -> logits_BTV` is any causal LM, e.g.
@@ -344,7 +347,7 @@ def make_preference_loss(logits_fn: LogitsFn, cfg: PreferenceConfig):
     return loss_fn
 
 
-def make_reference_logps(logits_fn: LogitsFn):
+def make_reference_logps(logits_fn: ForwardFn):
     """ref_fn(ref_params, batch) -> {"ref_chosen_logps", "ref_rejected_logps"}: the frozen reference's summed
     response log-probs [B], to be merged into the batch before DPO training (no gradient flows)."""
 

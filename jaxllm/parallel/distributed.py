@@ -14,6 +14,12 @@ Signals, in order:
   * ``JAX_COORDINATOR_ADDRESS`` (JAX's own variable) or ``MEGASCALE_COORDINATOR_ADDRESS`` (multislice);
   * ``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` listing more than one host (GKE TPU pods);
   * ``SLURM_NTASKS`` or ``OMPI_COMM_WORLD_SIZE`` above 1.
+
+JAX reads ``JAX_COORDINATOR_ADDRESS`` itself but not the process count or id; for a hand-started
+job (several processes on one machine, or hosts without a cluster manager JAX detects) set
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` too and they are passed on. After connecting, the
+process count JAX reports is checked against the one asked for. On CPU the processes exchange
+data through gloo collectives (JAX's CPU default).
 """
 
 import os
@@ -53,6 +59,24 @@ def wants_distributed(environ: Mapping[str, str]) -> bool:
     return False
 
 
+def process_args(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(num_processes, process_id) from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, validated;
+    (None, None) when neither is set."""
+    raw = {name: environ.get(name, "").strip() for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    if not any(raw.values()):
+        return None, None
+    missing = [name for name, value in raw.items() if not value]
+    if missing:
+        raise ValueError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID go together; {missing[0]} is not set")
+    for name, value in raw.items():
+        if not value.isdigit():
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    count, index = int(raw["JAX_NUM_PROCESSES"]), int(raw["JAX_PROCESS_ID"])
+    if not 0 <= index < count:
+        raise ValueError(f"JAX_PROCESS_ID={index} is not in [0, JAX_NUM_PROCESSES={count})")
+    return count, index
+
+
 def maybe_initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -68,7 +92,12 @@ def maybe_initialize(
     explicit = any(arg is not None for arg in (coordinator_address, num_processes, process_id))
     if not (explicit or wants_distributed(os.environ)):
         return False
+    env_count, env_index = process_args(os.environ)
+    num_processes = env_count if num_processes is None else num_processes
+    process_id = env_index if process_id is None else process_id
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
     )
+    if num_processes is not None and jax.process_count() != num_processes:
+        raise ValueError(f"asked for {num_processes} processes but the job has {jax.process_count()}")
     return True

@@ -6,12 +6,21 @@ links, tensor parallelism wants the fastest), with size 1 for any axis the spec 
 logical axis rules in ``rules.py`` can therefore name all three axes and apply unchanged to every
 mesh, from one CPU to a TPU pod. Axis types are ``Auto``: linen's logical partitioning
 (``with_logical_partitioning``, ``with_logical_constraint``) only works on Auto axes.
+
+Multislice (several TPU slices joined by the data-centre network, DCN): a second spec ``dcn``
+splits the axes across slices, e.g. ``make_mesh("fsdp:256", dcn="data:4")`` over 4 slices of 256
+chips: each axis's size is its in-slice (ICI) size times its DCN size, and
+``mesh_utils.create_hybrid_device_mesh`` orders devices so that only the DCN part of an axis
+crosses slices (MaxText's ``dcn_*_parallelism``). Devices without a ``slice_index`` (CPU, GPU)
+count each process as a slice.
 """
 
 import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -60,14 +69,34 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
     return {name: given.get(name, 1) for name in AXES}
 
 
-def make_mesh(spec: str = "fsdp:-1", devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def hybrid_device_array(spec: str, dcn: str, devices: Sequence) -> np.ndarray:
+    """Devices laid out [data, fsdp, tensor] with ``spec`` inside each slice and ``dcn`` across
+    slices (see the module docstring); ValueError naming the spec that does not fit."""
+    granule = (lambda d: d.slice_index) if hasattr(devices[0], "slice_index") else (lambda d: d.process_index)
+    num_slices = len({granule(d) for d in devices})
+    try:
+        dcn_sizes = parse_mesh_spec(dcn, num_slices)
+    except ValueError as e:
+        raise ValueError(f"dcn spec {dcn!r} does not fit the {num_slices} slice(s) of the devices: {e}") from None
+    per_slice = len(devices) // num_slices
+    ici_sizes = parse_mesh_spec(spec, per_slice)
+    return mesh_utils.create_hybrid_device_mesh(tuple(ici_sizes.values()), tuple(dcn_sizes.values()), devices,
+                                                process_is_granule=not hasattr(devices[0], "slice_index"))
+
+
+def make_mesh(spec: str = "fsdp:-1", devices: Sequence[jax.Device] | None = None, *,
+              dcn: str | None = None) -> jax.sharding.Mesh:
     """A ``Mesh`` with axes (data, fsdp, tensor) sized by ``spec`` over ``devices``.
 
     ``devices`` defaults to all global devices (every host of a pod); pass a topology's devices
     to build a mesh for ahead-of-time compilation. Device placement goes through
     ``jax.make_mesh``, which orders TPU devices so the inner axes follow the physical links.
+    With ``dcn`` the mesh spans slices: ``spec`` then sizes the axes within one slice.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if dcn is not None:
+        return jax.sharding.Mesh(hybrid_device_array(spec, dcn, devices), AXES,
+                                 axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
     sizes = parse_mesh_spec(spec, len(devices))
     return jax.make_mesh(
         tuple(sizes.values()),

@@ -260,8 +260,10 @@ def write_kv(k_NPGK: jax.Array, v_NPGK: jax.Array, k_TGK: jax.Array, v_TGK: jax.
 
 
 def copy_blocks(pool: KVPool, src_C: jax.Array, dst_C: jax.Array) -> KVPool:
-    """Copy whole blocks src -> dst in every layer (the device half of `BlockManager.fork`)."""
-    return KVPool(pool.k.at[:, dst_C].set(pool.k[:, src_C]), pool.v.at[:, dst_C].set(pool.v[:, src_C]))
+    """Copy whole blocks src -> dst in every layer (the device half of `BlockManager.fork`). A dst
+    out of range (>= num_blocks: padding of a fixed-size copy list) is dropped."""
+    return KVPool(pool.k.at[:, dst_C].set(pool.k[:, src_C], mode="drop"),
+                  pool.v.at[:, dst_C].set(pool.v[:, src_C], mode="drop"))
 
 
 @jax.tree_util.register_dataclass
@@ -271,7 +273,7 @@ class RaggedBatch:
 
     Per token: `tokens_T`, `positions_T` (position in its sequence), `slot_T` (row of its sequence
     in the S axis, −1 for padding), `slot_mapping_T` (flat pool slot its K/V is written to, −1 for
-    padding). Per row: `block_tables_SN` (the sequence's leading blocks, at least those holding the
+    padding). Per row: `block_tables_SW` (the sequence's leading blocks, at least those holding the
     tokens cached before this pass; −1 past its end),
     `context_len_S` (tokens of the sequence in the cache after this pass), `last_index_S` (index in
     T of the row's last token, −1 for padding rows), `sample_S` (whether a token is sampled from
@@ -281,7 +283,7 @@ class RaggedBatch:
     positions_T: jax.Array
     slot_T: jax.Array
     slot_mapping_T: jax.Array
-    block_tables_SN: jax.Array
+    block_tables_SW: jax.Array
     context_len_S: jax.Array
     last_index_S: jax.Array
     sample_S: jax.Array

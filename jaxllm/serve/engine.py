@@ -15,6 +15,12 @@ sequence of the longest prompt's length; a member with a shorter prompt is left-
 (`PagedKVCache.offset_S`), so every member reaches its last prompt token in the same pass and
 sampled tokens are appended to all of them at once.
 
+Request lifecycle: `abort` drops a request at once (blocks freed); samples of one request are
+forked from one prefill (see `jaxllm.serve.scheduler`); with a `tokenizer` the engine also keeps
+each sample's text, ends samples at `stop` strings and hands out text deltas in its events.
+`prompt_logprobs` scores a prompt (for OpenAI's `echo`). A request whose host-side bookkeeping
+raises in a step is aborted alone and reported by `take_failures`.
+
 The step is jitted with static shapes (token bucket × context bucket), so it compiles once per
 bucket pair that occurs (`precompile` compiles them all up front); `num_compiles` counts the traces.
 The host needs each pass's tokens before planning the next, so every step waits for the device:
@@ -31,33 +37,43 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.model.llama import Llama, LlamaConfig
-from jaxllm.serve.cache import KVSpec, RaggedBatch, init_kv_pool
+from jaxllm.serve import sharding
+from jaxllm.serve.cache import KVSpec, RaggedBatch, copy_blocks, init_kv_pool
+from jaxllm.serve.detokenize import IncrementalText
 from jaxllm.serve.paged_attention import AttentionFn, PagedKVCache, commit, paged_attention
-from jaxllm.serve.sampling import LogitsFn, SamplingParams, sample, sampling_rows
+from jaxllm.serve.sampling import LogitsFn, SamplingParams, sample_with_top_logprobs, sampling_rows
 from jaxllm.serve.scheduler import Scheduler, SchedulerConfig, StepPlan, check_prompt
 
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
     """One finished sample: generated `tokens`, the log-probability of each under the distribution
-    it was sampled from, why it ended ("stop": a stop token, kept in `tokens`; "length":
-    max_tokens), and how many prompt tokens were served from the prefix cache."""
+    it was sampled from, why it ended ("stop": a stop token, kept in `tokens`, or a stop string;
+    "length": max_tokens), and how many prompt tokens were served from the prefix cache. With a
+    tokenizer: `text` (cut before a stop string). `top_logprobs`: per token, the requested number
+    of (token, logprob) alternatives, most likely first."""
     request_id: int
     sample_index: int
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str
     num_cached_tokens: int
+    text: str | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenEvent:
-    """One token produced by `Engine.step` (finish_reason set on a sample's last token)."""
+    """One token produced by `Engine.step` (finish_reason set on a sample's last token). `text`:
+    the sample's text handed out with this token (with a tokenizer; may lag behind the tokens
+    while a stop string could be starting); `top_logprobs` as in `Completion`."""
     request_id: int
     sample_index: int
     token: int
     logprob: float
     finish_reason: str | None
+    text: str = ""
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 def llama_logits_fn(cfg: LlamaConfig) -> LogitsFn:
@@ -101,31 +117,49 @@ def _is_leaf_cache(x) -> bool:
     return isinstance(x, PagedKVCache)
 
 
+@dataclasses.dataclass
+class _Output:
+    """Engine-side state of one sample: its text (with a tokenizer) and top log-probs so far."""
+    text: IncrementalText | None
+    top_logprobs: list = dataclasses.field(default_factory=list)
+
+
 class Engine:
     """Continuous-batching inference over a paged KV cache.
 
     Offline: `generate(prompts, sampling) -> list[Completion]`. Online: `add_request(...)` returns a
     request id; each `step()` runs one pass and returns its `TokenEvent`s; `completions(id)` hands
-    over a finished request. Weights can be swapped between runs with `set_params` (which also
-    drops the prefix cache, whose K/V belong to the old weights).
+    over a finished request; `abort(id)` drops an unfinished one. `tokenizer` (anything with
+    `decode(ids) -> str`) enables text and `stop` strings. Weights can be swapped between runs
+    with `set_params` (which also drops the prefix cache, whose K/V belong to the old weights).
+
+    `mesh`: shard a `LlamaConfig` model's weights and KV pool over the mesh's `tensor` axis
+    (`jaxllm.serve.sharding`); the step runs under it.
     """
 
     def __init__(self, model: LlamaConfig | LogitsFn, params, *, token_budget: int = 256, block_size: int = 16,
                  num_blocks: int = 1024, max_seqs: int = 64, policy: str = "splitfuse", reserve: str = "prompt",
                  buckets: SequenceABC[int] | None = None, context_buckets: SequenceABC[int] | None = None,
                  prefix_caching: bool = True, max_model_len: int | None = None, kv_spec=None,
-                 vocab_size: int | None = None, attention: AttentionFn = paged_attention):
+                 vocab_size: int | None = None, attention: AttentionFn = paged_attention, tokenizer=None,
+                 mesh: jax.sharding.Mesh | None = None):
         if isinstance(model, LlamaConfig):
             if kv_spec is not None or vocab_size is not None:
                 raise ValueError("kv_spec and vocab_size come from the LlamaConfig; pass them only with a LogitsFn")
             logits_fn, kv_spec, vocab_size = llama_logits_fn(model), KVSpec.of(model), model.vocab_size
+            self._score_fn = jax.jit(lambda params, tokens_1T: Llama(model).apply({"params": params}, tokens_1T))
             max_model_len = max_model_len or model.max_len
         elif callable(model):
             if kv_spec is None or vocab_size is None:
                 raise ValueError("a LogitsFn model needs kv_spec (KVSpec or a pytree of them) and vocab_size")
-            logits_fn = model
+            logits_fn, self._score_fn = model, None
         else:
             raise ValueError(f"model must be a LlamaConfig or a LogitsFn, got {type(model).__name__}")
+        if mesh is not None and not isinstance(model, LlamaConfig):
+            raise ValueError("an engine on a mesh needs the model as a LlamaConfig (its axis names say how to shard it)")
+        if mesh is not None:
+            sharding.check_mesh(model, mesh)
+        self.mesh, self._model_cfg = mesh, model
         specs, self._treedef = jax.tree.flatten(kv_spec)
         bad = [s for s in specs if not isinstance(s, KVSpec)]
         if bad or not specs:
@@ -141,13 +175,24 @@ class Engine:
             context_buckets=tuple(default_context_buckets(max_model_len) if context_buckets is None
                                   else context_buckets))
         self.scheduler = Scheduler(self.cfg)
-        self.params = params
+        self.params = self._place(params)
         self._logits_fn, self._attention = logits_fn, attention
         self._pools = tuple(init_kv_pool(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim,
                                          jnp.dtype(s.dtype)) for s in specs)
+        pinned = {}
+        if mesh is not None:
+            self._pools = jax.device_put(self._pools, (sharding.pool_sharding(model, mesh),))
+            pinned = dict(out_shardings=(sharding.pool_sharding(model, mesh),))
+        self._context = sharding.step_context(model, mesh)
         self._step_fn = jax.jit(self._device_step)
         self._commit_fn = jax.jit(lambda pools, pending, slots: tuple(map(commit, pools, pending, slots)),
-                                  donate_argnums=(0,))
+                                  donate_argnums=(0,), **pinned)
+        self._copy_fn = jax.jit(lambda pools, src, dst: tuple(copy_blocks(p, src, dst) for p in pools),
+                                donate_argnums=(0,), **pinned)
+        self.tokenizer = tokenizer
+        self._outputs: dict[int, _Output] = {}  # per sequence id
+        self._seqs: dict[int, list] = {}  # request id -> its Sequences (for text state and abort)
+        self._failures: dict[int, Exception] = {}
         self._num_traces = 0
         self._next_request_id = 0
         self._streams: dict[int, _Streams] = {}
@@ -209,13 +254,22 @@ class Engine:
         if self.has_unfinished():
             raise ValueError("cannot change params while requests are in flight")
         self.reset_prefix_cache()
-        self.params = params
+        self.params = self._place(params)
+
+    def _place(self, params):
+        return params if self.mesh is None else sharding.shard_params(self._model_cfg, params, self.mesh)
 
     def _prepare(self, label, prompt, sampling):
         """Validated (scheduler tokens, prompt_key, streams) of one request; raises ValueError.
 
         `prompt` is one token list, or a tuple with one list per ensemble member (the same list
         for every member is the one-list case)."""
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError(f"request {label}: stop strings {sampling.stop!r} need an Engine with a tokenizer")
+        bad = [t for t, _ in sampling.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"request {label}: logit_bias token id {bad[0]} is outside the vocabulary "
+                             f"(size {self.vocab_size})")
         if isinstance(prompt, tuple) and prompt and not isinstance(prompt[0], (int, np.integer)):
             if len(prompt) != self.num_streams:
                 raise ValueError(f"request {label}: {len(prompt)} prompt streams for a model with "
@@ -244,11 +298,49 @@ class Engine:
         tokens, prompt_key, streams = request
         request_id = self._next_request_id
         self._next_request_id += 1
-        self.scheduler.add(request_id, tokens, sampling, key=key, prompt_key=prompt_key)
+        seqs = self.scheduler.add(request_id, tokens, sampling, key=key, prompt_key=prompt_key)
         if streams is not None:
             self._streams[request_id] = streams
-        self._samples_left[request_id] = sampling.n
+        self._samples_left[request_id] = sampling.num_samples
+        self._seqs[request_id] = seqs
+        for seq in seqs:
+            text = None if self.tokenizer is None else IncrementalText(self.tokenizer.decode, sampling.stop)
+            self._outputs[seq.seq_id] = _Output(text)
         return request_id
+
+    def abort(self, request_id: int) -> bool:
+        """Drop an unfinished request now, waiting or running: its blocks return to the pool
+        (prefix-cached ones stay cached) and it yields no more events or completions. False (and
+        nothing changes) for an unknown, finished or already aborted request."""
+        if request_id not in self._samples_left:
+            return False
+        self.scheduler.abort(request_id)
+        for seq in self._seqs.pop(request_id):
+            self._outputs.pop(seq.seq_id, None)
+        del self._samples_left[request_id]
+        self._finished_samples.pop(request_id, None)
+        self._streams.pop(request_id, None)
+        return True
+
+    def prompt_logprobs(self, prompt: SequenceABC[int], num_top: int = 0) -> list[tuple[float, tuple]]:
+        """For prompt tokens 1.., the log-probability of each under the model given the tokens
+        before it, and the `num_top` most likely alternatives ((token, logprob), best first): the
+        raw model distribution, as OpenAI's `echo` reports it. One dense forward pass (length
+        padded to a power of two, so few compiles); needs a LlamaConfig model."""
+        if self._score_fn is None:
+            raise ValueError("prompt_logprobs needs an Engine built from a LlamaConfig")
+        check_prompt("prompt_logprobs", list(prompt), self.vocab_size)
+        L = len(prompt)
+        T = max(16, 1 << (L - 1).bit_length())
+        tokens_1T = np.zeros((1, T), np.int32)
+        tokens_1T[0, :L] = prompt
+        logp_TV = np.asarray(jax.nn.log_softmax(self._score_fn(self.params, tokens_1T)[0, :L - 1].astype(jnp.float32)))
+        out = []
+        for i in range(1, L):
+            row = logp_TV[i - 1]
+            top = np.argsort(-row, kind="stable")[:num_top]
+            out.append((float(row[prompt[i]]), tuple((int(t), float(row[t])) for t in top)))
+        return out
 
     # ---- passes --------------------------------------------------------------------------------
     def precompile(self) -> int:
@@ -261,7 +353,8 @@ class Engine:
                                 np.full(T, -1, np.int32), np.full((S, W), -1, np.int32), np.zeros(S, np.int32),
                                 np.full(S, -1, np.int32), np.zeros(S, bool))
             batches, offsets = (batch,) * self.num_streams, (np.zeros(S, np.int32),) * self.num_streams
-            *_, pending = self._step_fn(self.params, self._pools, batches, offsets, sampling_rows([], [], [], [], S))
+            *_, pending = self._step_fn(self.params, self._pools, batches, offsets, sampling_rows([], [], [], [], S),
+                                        None)
             self._pools = self._commit_fn(self._pools, pending, tuple(b.slot_mapping_T for b in batches))
         jax.block_until_ready(self._pools)
         return len(pairs)
@@ -272,31 +365,80 @@ class Engine:
         if plan is None:
             return []
         batches, offsets = self._stream_batches(plan)
-        tokens_S, logprobs_S, pending = self._step_fn(self.params, self._pools, batches, offsets,
-                                                      plan.sampling_rows())
+        tokens_S, logprobs_S, top_ids_SK, top_logprobs_SK, pending = self._step_fn(
+            self.params, self._pools, batches, offsets, plan.sampling_rows(), plan.logit_adjust(self.vocab_size))
         self._pools = self._commit_fn(self._pools, pending, tuple(b.slot_mapping_T for b in batches))
         tokens_S, logprobs_S = np.asarray(tokens_S), np.asarray(logprobs_S)
         finished = {seq.seq_id for seq in self.scheduler.update(plan, tokens_S, logprobs_S)}
-        events = []
+        self._apply_copies(self.scheduler.take_copies())
+        if any(seq.params.logprobs for seq in plan.seqs):
+            top_ids_SK, top_logprobs_SK = np.asarray(top_ids_SK), np.asarray(top_logprobs_SK)
+        events, failed = [], {}
         for s, seq in enumerate(plan.seqs):
-            if not plan.batch.sample_S[s]:
+            if not plan.batch.sample_S[s] or seq.request_index in failed:
                 continue
-            done = seq.seq_id in finished
-            events.append(TokenEvent(seq.request_index, seq.sample_index, int(tokens_S[s]), float(logprobs_S[s]),
-                                     seq.finish_reason if done else None))
+            top = ()
+            if seq.params.logprobs:
+                k = seq.params.logprobs
+                top = tuple((int(t), float(x)) for t, x in zip(top_ids_SK[s, :k], top_logprobs_SK[s, :k])
+                            if np.isfinite(x))
+            try:
+                events.append(self._event(seq, int(tokens_S[s]), float(logprobs_S[s]), top, seq.seq_id in finished))
+            except Exception as err:  # noqa: BLE001 - one request's bookkeeping fails that request alone
+                failed[seq.request_index] = err
+        for request_id, err in failed.items():
+            self.abort(request_id)
+            self._failures[request_id] = err
+        return [e for e in events if e.request_id not in failed]
+
+    def take_failures(self) -> dict[int, Exception]:
+        """Requests whose host-side bookkeeping (e.g. detokenizing) raised in a step since the
+        last call, with the error; each was aborted, the other requests went on."""
+        failures, self._failures = self._failures, {}
+        return failures
+
+    def _event(self, seq, token: int, logprob: float, top: tuple, done: bool) -> TokenEvent:
+        """The event of a sampled row: top log-probs and text kept, a stop string ends the sample."""
+        out = self._outputs[seq.seq_id]
+        if seq.params.logprobs:
+            out.top_logprobs.append(top)
+        if out.text is not None and out.text.append(token):  # a stop string
             if done:
-                self._finish(seq)
-        return events
+                seq.finish_reason = "stop"
+            else:
+                self.scheduler.finish(seq, "stop")
+                done = True
+        text = "" if out.text is None else out.text.take_delta(final=done)
+        event = TokenEvent(seq.request_index, seq.sample_index, token, logprob, seq.finish_reason if done else None,
+                           text, top)
+        if done:
+            self._finish(seq)
+        return event
+
+    def _apply_copies(self, copies: list[tuple[int, int]]) -> None:
+        """Do the forks' block copies on device (padded to a power of two: few compiles)."""
+        if not copies:
+            return
+        C = 1 << (len(copies) - 1).bit_length()
+        src_C = np.zeros(C, np.int32)
+        dst_C = np.full(C, self.cfg.num_blocks, np.int32)  # out of range: dropped
+        src_C[:len(copies)], dst_C[:len(copies)] = zip(*copies)
+        self._pools = self._copy_fn(self._pools, src_C, dst_C)
 
     def _finish(self, seq) -> None:
         rid = seq.request_index
+        out = self._outputs.pop(seq.seq_id)
         done = self._finished_samples.setdefault(rid, [])
         done.append(Completion(rid, seq.sample_index, list(seq.output), list(seq.logprobs), seq.finish_reason,
-                               seq.num_cached_tokens))
+                               seq.num_cached_tokens, None if out.text is None else out.text.text,
+                               tuple(out.top_logprobs)))
         self._samples_left[rid] -= 1
         if not self._samples_left[rid]:
-            del self._samples_left[rid], self._finished_samples[rid]
+            del self._samples_left[rid], self._finished_samples[rid], self._seqs[rid]
             self._streams.pop(rid, None)
+            if len(done) > seq.params.n:  # best_of: keep the n most likely samples, best first
+                done = sorted(done, key=lambda c: -sum(c.logprobs))[:seq.params.n]
+                done = [dataclasses.replace(c, sample_index=j) for j, c in enumerate(done)]
             self._finished[rid] = sorted(done, key=lambda c: c.sample_index)
 
     def _stream_batches(self, plan: StepPlan):
@@ -333,16 +475,25 @@ class Engine:
             offsets.append(offset_S)
         return tuple(batches), tuple(offsets)
 
-    def _device_step(self, params, pools, batches: tuple[RaggedBatch, ...], offsets, rows):
-        """Jitted: the LogitsFn on one pass with every member's paged cache (pool read-only), then
-        sampling. Returns (tokens_S, logprobs_S, each member's pending K/V rows)."""
+    def _device_step(self, params, pools, batches: tuple[RaggedBatch, ...], offsets, rows, adjust):
+        """Jitted: `device_step` of this engine's model, under its mesh when it has one."""
         self._num_traces += 1
-        unflatten = lambda xs: jax.tree.unflatten(self._treedef, list(xs))  # noqa: E731
-        caches = [PagedKVCache(pool, b, off, self._attention) for pool, b, off in zip(pools, batches, offsets)]
-        logits_SV, new_caches = self._logits_fn(params, unflatten(b.tokens_T for b in batches),
-                                                unflatten(b.positions_T for b in batches), unflatten(caches))
-        if logits_SV.shape[-1] != self.vocab_size:
-            raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {self.vocab_size}")
-        pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
-        tokens_S, logprobs_S = sample(logits_SV, rows)
-        return tokens_S, logprobs_S, pending
+        with self._context():
+            return device_step(self._logits_fn, self._attention, self._treedef, self.vocab_size, params, pools,
+                               batches, offsets, rows, adjust)
+
+
+def device_step(logits_fn: LogitsFn, attention: AttentionFn, treedef, vocab_size: int, params, pools,
+                batches: tuple[RaggedBatch, ...], offsets, rows, adjust=None):
+    """The engine's device program: the LogitsFn on one pass with every member's paged cache (pool
+    read-only; `treedef` arranges the members), then sampling (`adjust`: the pass's penalties and
+    logit biases, None for none). Returns (tokens_S, logprobs_S, top_ids_SK, top_logprobs_SK, each
+    member's pending K/V rows). Pure, so it also lowers ahead of time (`jaxllm.train.aot`)."""
+    unflatten = lambda xs: jax.tree.unflatten(treedef, list(xs))  # noqa: E731
+    caches = [PagedKVCache(pool, b, off, attention=attention) for pool, b, off in zip(pools, batches, offsets)]
+    logits_SV, new_caches = logits_fn(params, unflatten(b.tokens_T for b in batches),
+                                      unflatten(b.positions_T for b in batches), unflatten(caches))
+    if logits_SV.shape[-1] != vocab_size:
+        raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {vocab_size}")
+    pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
+    return (*sample_with_top_logprobs(logits_SV, rows, adjust), pending)

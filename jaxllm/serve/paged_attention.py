@@ -19,10 +19,8 @@ consecutive tokens of one row), not per token: a pass of T tokens in at most S r
 decodes (one-token rows) read exactly their own context.
 
 The attention is a function argument (`AttentionFn`), the seam for a kernel: the plain-JAX
-`paged_attention` below runs on CPU, GPU and TPU; a Pallas kernel with the same signature replaces
-it on TPU (e.g. one that writes the pass's K/V with `write_kv` and calls
-`jax.experimental.pallas.ops.tpu.ragged_paged_attention` with this batch's `context_len_S`,
-`block_tables_SN` and the row starts implied by `last_index_S`).
+`paged_attention` below runs on CPU, GPU and TPU; on TPU
+`jaxllm.serve.ragged_attention.ragged_paged_attention` runs the Pallas kernel of that name instead.
 
 Row offsets: an ensemble member that sees a shorter prompt than the request's longest (proxy
 tuning's base next to a chat-formatted expert) stores its tokens from table index `offset_S[s]`
@@ -44,12 +42,12 @@ AttentionFn = Callable[..., jax.Array]
 TILE = 4  # query tile for history reads when a pass has more tokens than rows (fastest measured)
 
 
-def _partial_softmax(logits_XS, mask_XS, v_fn):
+def _partial_softmax(logits_XC, mask_XC, v_fn):
     """Unnormalised softmax pieces over the last axis: (max, sum of exp, exp-weighted values)."""
-    logits_XS = jnp.where(mask_XS, logits_XS, NEG_INF)
-    max_X = jnp.max(logits_XS, axis=-1)
-    p_XS = jnp.where(mask_XS, jnp.exp(logits_XS - max_X[..., None]), 0.0)
-    return max_X, jnp.sum(p_XS, axis=-1), v_fn(p_XS)
+    logits_XC = jnp.where(mask_XC, logits_XC, NEG_INF)
+    max_X = jnp.max(logits_XC, axis=-1)
+    p_XC = jnp.where(mask_XC, jnp.exp(logits_XC - max_X[..., None]), 0.0)
+    return max_X, jnp.sum(p_XC, axis=-1), v_fn(p_XC)
 
 
 def _tiles(batch: RaggedBatch, tile: int):
@@ -87,7 +85,7 @@ def paged_attention(q_THK: jax.Array, k_TGK: jax.Array, v_TGK: jax.Array, k_NPGK
     N, P, G, K = k_NPGK.shape
     T, H, _ = q_THK.shape
     R = H // G
-    W = batch.block_tables_SN.shape[1]
+    W = batch.block_tables_SW.shape[1]
     S = batch.last_index_S.shape[0]
     slot_T, pos_T = batch.slot_T, batch.positions_T
     # Batch axes lead in every contraction below (kv head g, then tile j): CPU dots are much
@@ -106,7 +104,7 @@ def paged_attention(q_THK: jax.Array, k_TGK: jax.Array, v_TGK: jax.Array, k_NPGK
     token_JQ, row_J, tile_T, slot_in_tile_T, first_S = _tiles(batch, tile)
     J = token_JQ.shape[0]
     hist_S = pos_T[jnp.clip(first_S, 0, T - 1)]
-    blocks_JW = jnp.maximum(batch.block_tables_SN[row_J], 0)  # −1 past a table's end: masked below
+    blocks_JW = jnp.maximum(batch.block_tables_SW[row_J], 0)  # −1 past a table's end: masked below
 
     def gather(pool_NPGK):
         rows = jnp.take(pool_NPGK.reshape(N, P * G * K), blocks_JW.reshape(-1), axis=0)

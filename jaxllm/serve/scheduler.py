@@ -20,6 +20,12 @@ preempts). When a decode needs a block and none is free, the most recently admit
 preempted by recompute: its blocks are freed and it returns to the front of the queue with its
 generated tokens appended to its prompt, so its outputs are unchanged.
 
+Several samples of one request (`n`, `best_of`) share one prefill: only sample 0 is queued; once
+its prompt is computed the others are forked from it (`BlockManager.fork`: full blocks shared
+copy-on-write, the partial last block copied on device, see `take_copies`) holding all prompt
+tokens but the last, which each feeds as its first decode to get its own logits row. A sample
+that cannot be forked (no room in the running set or pool) is queued as a plain sequence.
+
 Static shapes: a pass is padded to the smallest of `buckets` holding its tokens (rows: min(max_seqs,
 T)), and its block tables to the smallest of `context_buckets` holding its longest history (tokens
 cached before the pass; the pass's own tokens are addressed by `slot_mapping_T`), so the device
@@ -36,7 +42,7 @@ from collections.abc import Sequence as SequenceABC
 import numpy as np
 
 from jaxllm.serve.cache import BlockManager, RaggedBatch
-from jaxllm.serve.sampling import SamplingParams, SamplingRows, sampling_rows
+from jaxllm.serve.sampling import LogitAdjust, SamplingParams, SamplingRows, logit_adjust, sampling_rows
 
 POLICIES = ("splitfuse", "prefill_first", "static")
 RESERVES = ("prompt", "prompt_plus_max_new")
@@ -131,6 +137,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length"
     num_preemptions: int = 0
     num_cached_tokens: int = 0
+    forks: list[Sequence] = dataclasses.field(default_factory=list)  # samples to fork once the prompt is in
 
     @property
     def prompt(self) -> list[int]:
@@ -173,6 +180,13 @@ class StepPlan:
                              [s.num_tokens - s.num_prompt_tokens for s in self.seqs],
                              len(self.batch.context_len_S))
 
+    def logit_adjust(self, vocab_size: int) -> LogitAdjust | None:
+        """Penalty and bias inputs of the pass, or None when no row asks for them."""
+        if not any(s.params.adjusts_logits for s in self.seqs):
+            return None
+        return logit_adjust([s.params for s in self.seqs], [s.prompt for s in self.seqs],
+                            [s.output for s in self.seqs], len(self.batch.context_len_S), vocab_size)
+
 
 class Scheduler:
     """Request queue + block manager; `schedule()` plans a pass, `update()` applies its samples."""
@@ -183,6 +197,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order
         self.num_preemptions = 0
+        self.num_prompt_tokens_computed = 0  # prompt tokens fed to the model (prefix-cache hits excluded)
+        self._copies: list[tuple[int, int]] = []  # (src, dst) blocks forks still need copied on device
         self._max_running = min(cfg.max_seqs, cfg.token_budget)
         self._group: set[int] = set()  # static policy: ids of the group being served
         self._next_seq_id = 0
@@ -190,9 +206,10 @@ class Scheduler:
     # ---- requests ------------------------------------------------------------------------------
     def add(self, request_index: int, prompt: SequenceABC[int], params: SamplingParams, *, key: int | None = None,
             prompt_key: SequenceABC[int] | None = None) -> list[Sequence]:
-        """Validate a request (`check`) and queue its `params.n` samples; a bad request raises
-        ValueError and leaves the scheduler untouched. `key` (default `request_index`) names its
-        random stream; `prompt_key` see `Sequence`."""
+        """Validate a request (`check`) and queue its `params.num_samples` samples (sample 0 queued,
+        the others forked from it after its prompt); a bad request raises ValueError and leaves the
+        scheduler untouched. `key` (default `request_index`) names its random stream; `prompt_key`
+        see `Sequence`."""
         tokens = list(prompt)
         self.check(request_index, tokens, params)
         if prompt_key is not None and len(prompt_key) != len(tokens):
@@ -200,12 +217,46 @@ class Scheduler:
         seqs = []
         key = request_index if key is None else key
         prompt_key = None if prompt_key is None else [int(t) for t in prompt_key]
-        for j in range(params.n):
+        for j in range(params.num_samples):
             seqs.append(Sequence(self._next_seq_id, request_index, j, [int(t) for t in tokens], len(tokens), params,
                                  key, prompt_key))
             self._next_seq_id += 1
-        self.waiting.extend(seqs)
+        seqs[0].forks = seqs[1:]
+        self.waiting.append(seqs[0])
         return seqs
+
+    def abort(self, request_index: int) -> list[Sequence]:
+        """Remove every unfinished sample of a request, waiting or running (blocks freed at once;
+        prefix-cached blocks stay cached). Returns the removed sequences ([] for an unknown or
+        finished request)."""
+        removed = [seq for seq in self.waiting if seq.request_index == request_index]
+        self.waiting = collections.deque(seq for seq in self.waiting if seq.request_index != request_index)
+        for seq in [seq for seq in self.running if seq.request_index == request_index]:
+            self.blocks.free(seq.seq_id)
+            self.running.remove(seq)
+            removed.append(seq)
+        for seq in list(removed):
+            removed += seq.forks
+            seq.forks = []
+        for seq in removed:
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        return removed
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a running sample now (e.g. a stop string in its text): its blocks return to the pool."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.forks:
+            raise ValueError(f"sequence {seq.seq_id} still has samples to fork")
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.blocks.free(seq.seq_id)
+        self.running.remove(seq)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """(src, dst) block copies of the forks made since the last call; the device must do them
+        before the next pass."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def check(self, request_index: int | str, tokens: SequenceABC[int], params: SamplingParams) -> None:
         """ValueError naming the request and the offending value unless the request can be served:
@@ -354,7 +405,7 @@ class Scheduler:
         positions_T = np.zeros(T, np.int32)
         slot_T = np.full(T, -1, np.int32)
         slot_mapping_T = np.full(T, -1, np.int32)
-        block_tables_SN = np.full((S, W), -1, np.int32)
+        block_tables_SW = np.full((S, W), -1, np.int32)
         context_len_S = np.zeros(S, np.int32)
         last_index_S = np.full(S, -1, np.int32)
         sample_S = np.zeros(S, bool)
@@ -370,12 +421,12 @@ class Scheduler:
                 positions_T[t:t + n] = np.arange(start, stop)
                 slot_T[t:t + n] = s
                 slot_mapping_T[t:t + n] = self.blocks.slot_mapping(seq.seq_id, start, stop)
-            block_tables_SN[s, :min(len(table), W)] = table[:W]
+            block_tables_SW[s, :min(len(table), W)] = table[:W]
             context_len_S[s] = stop
             last_index_S[s] = t + n - 1
             sample_S[s] = stop == seq.num_tokens
             t += n
-        batch = RaggedBatch(tokens_T, positions_T, slot_T, slot_mapping_T, block_tables_SN, context_len_S,
+        batch = RaggedBatch(tokens_T, positions_T, slot_T, slot_mapping_T, block_tables_SW, context_len_S,
                             last_index_S, sample_S)
         return StepPlan(tuple(seq for seq, _ in rows), tuple(n for _, n in rows), batch)
 
@@ -385,10 +436,14 @@ class Scheduler:
         (their blocks return to the pool). Returns the sequences that finished."""
         finished = []
         for s, (seq, n) in enumerate(zip(plan.seqs, plan.num_tokens)):
+            self.num_prompt_tokens_computed += max(0, min(seq.num_computed + n, seq.num_prompt_tokens)
+                                                   - seq.num_computed)
             seq.num_computed += n
             self.blocks.commit(seq.seq_id, seq.cache_ids, seq.num_computed)
             if not plan.batch.sample_S[s]:
                 continue
+            if seq.forks:
+                self._fork(seq)
             token = int(tokens_S[s])
             seq.token_ids.append(token)
             seq.logprobs.append(float(logprobs_S[s]))
@@ -404,3 +459,25 @@ class Scheduler:
             self.running.remove(seq)
             finished.append(seq)
         return finished
+
+    def _fork(self, parent: Sequence) -> None:
+        """Start the pending samples of `parent`, whose prompt is now computed: each shares its
+        blocks up to the last prompt token and feeds that token as a decode; one without room in
+        the running set or the pool is queued (at the front) as a plain sequence."""
+        last, bs = parent.num_prompt_tokens - 1, self.cfg.block_size
+        reserving = self.cfg.reserve == "prompt_plus_max_new"
+        queued = []
+        for child in parent.forks:
+            need = self.blocks.blocks_for(child.max_kv_tokens) - last // bs if reserving else int(last % bs > 0)
+            if last == 0 or len(self.running) >= self._max_running or need > self.blocks.num_free_blocks:
+                queued.append(child)
+                continue
+            self._copies += self.blocks.fork(parent.seq_id, child.seq_id, last)
+            if reserving:
+                self.blocks.append_slots(child.seq_id, child.max_kv_tokens)
+            child.num_computed, child.status = last, Status.DECODE
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.running.append(child)
+            self._group.add(child.seq_id)
+        parent.forks = []
+        self.waiting.extendleft(reversed(queued))

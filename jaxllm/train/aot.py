@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm.model import flops, llama
+from jaxllm.model import flops, kernels, llama
 from jaxllm.objectives import lm
 from jaxllm.parallel import make_mesh, rules
 from jaxllm.train.state import TrainState, opt_state_shardings
@@ -42,6 +42,7 @@ class AotReport:
     hbm_bytes: int = 0
     model_flops: float = 0.0
     compile_seconds: float = 0.0
+    kernel_calls: int = 0  # Pallas (Mosaic) kernel call sites in the lowered program
     error: str = ""
 
     @property
@@ -57,7 +58,7 @@ class AotReport:
                 f"(aliased {gib(self.alias_bytes)}), temporaries {gib(self.temp_bytes)}, total {gib(self.total_bytes)} "
                 f"of {gib(self.hbm_bytes)} HBM -> {'FITS' if self.fits else 'DOES NOT FIT'}\n"
                 f"  model FLOPs per step {self.model_flops:.3e} (6 x matmul params + causal attention), "
-                f"compiled in {self.compile_seconds:.0f} s")
+                f"{self.kernel_calls} Pallas kernel call sites, compiled in {self.compile_seconds:.0f} s")
 
 
 def topology_devices(topology: str):
@@ -93,17 +94,29 @@ def abstract_train_state(cfg: llama.LlamaConfig, optimizer, mesh):
                       opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
 
 
+def check_batch(batch: int, grad_accum: int, mesh) -> None:
+    """ValueError unless each of the `grad_accum` micro-batches splits over the data-parallel axes."""
+    data = mesh.shape["data"] * mesh.shape["fsdp"]
+    if grad_accum < 1 or batch % grad_accum or (batch // grad_accum) % data:
+        raise ValueError(f"global batch {batch} with grad_accum {grad_accum} does not split into micro-batches "
+                         f"divisible by the data-parallel size {data} (data x fsdp of mesh {dict(mesh.shape)}); "
+                         f"use a batch that is a multiple of {data * max(grad_accum, 1)}")
+
+
 def compile_train_step(cfg: llama.LlamaConfig, topology: str, mesh_spec: str, batch: int, seq_len: int,
-                       learning_rate: float = 1e-4) -> AotReport:
-    """Compile fwd + bwd + AdamW for `topology` and report per-chip memory and model FLOPs."""
+                       learning_rate: float = 1e-4, grad_accum: int = 1) -> AotReport:
+    """Compile fwd + bwd + AdamW for `topology` and report per-chip memory and model FLOPs. The
+    attention is `cfg.attention` (Pallas kernels lower for the TPU from any host)."""
     import time
     devices = topology_devices(topology)
     mesh = make_mesh(mesh_spec, devices=devices)
+    check_batch(batch, grad_accum, mesh)
     kind = devices[0].device_kind
     base = dict(topology=topology, chips=len(devices), device_kind=kind, mesh=mesh_spec,
                 hbm_bytes=HBM_BYTES.get(kind, 0), model_flops=flops.train_flops_per_token(cfg, seq_len) * batch * seq_len)
     optimizer = optax.adamw(learning_rate, weight_decay=0.1)
-    state = abstract_train_state(cfg, optimizer, mesh)
+    with kernels.target_platform(devices[0].platform):  # init traces the forward
+        state = abstract_train_state(cfg, optimizer, mesh)
 
     def loss_fn(params, b, rng):
         logits = llama.forward(cfg, params, b["tokens"])
@@ -113,10 +126,14 @@ def compile_train_step(cfg: llama.LlamaConfig, topology: str, mesh_spec: str, ba
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sharding)
     abstract_batch = {"tokens": tokens,
                       "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32, sharding=batch_sharding)}
-    step = make_train_step(loss_fn, optimizer, mesh, state_shardings=jax.tree.map(lambda x: x.sharding, state))
+    step = make_train_step(loss_fn, optimizer, mesh, grad_accum=grad_accum,
+                           state_shardings=jax.tree.map(lambda x: x.sharding, state))
     start = time.time()
     try:
-        compiled = step.lower(state, abstract_batch).compile()
+        with kernels.target_platform(devices[0].platform):
+            lowered = step.lower(state, abstract_batch)
+        base["kernel_calls"] = lowered.as_text().count("tpu_custom_call")
+        compiled = lowered.compile()
     except Exception as e:  # XLA reports HBM exhaustion as a compile failure
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

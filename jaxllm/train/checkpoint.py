@@ -185,6 +185,19 @@ class Checkpointer:
         multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
         self._manager.reload()
 
+    def check_process_layout(self, step: int) -> None:
+        """ValueError if checkpoint `step` holds data positions written by a different number of
+        processes than this job has: each process's position belongs to its own shard of the
+        stream, so they cannot be resumed by another layout (the arrays can: `restore_params`)."""
+        data = self.directory / str(step) / "data"
+        written = sorted(p.name for p in data.glob("process_*-of-*.json")) if data.is_dir() else []
+        mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if written and mine not in written:
+            raise ValueError(f"checkpoint step {step} in {self.directory} was written by a job of a different "
+                             f"process count (data positions {written}); this job has {jax.process_count()} "
+                             f"process(es) and needs {mine}. Resume with the same process count, or read the "
+                             "weights alone (restore_params / load_model)")
+
     def restore_latest(self, abstract_state: TrainState, iterator: grain.DatasetIterator) -> TrainState | None:
         """The state of the newest good checkpoint, arrays placed as in `abstract_state`
         (ShapeDtypeStructs with shardings, e.g. `abstract_like(fresh_state)`), with `iterator`
@@ -193,6 +206,7 @@ class Checkpointer:
         is readable."""
         failures = []
         for step in reversed(self.all_steps()):
+            self.check_process_layout(step)
             try:
                 restored = self.restore(step, abstract_state, iterator)
             except Exception as err:  # orbax/tensorstore raise many types; each means "unreadable"

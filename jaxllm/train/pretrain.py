@@ -9,7 +9,7 @@ import jax
 
 from jaxllm.data import builders, sources
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.model import flops, llama
+from jaxllm.model import flops, llama, model_dir
 from jaxllm.parallel import mesh as mesh_lib
 from jaxllm.train import hooks as hooks_lib
 from jaxllm.train import lm, optim
@@ -45,13 +45,17 @@ def pretrain(cfg: TrainConfig, workdir: str | os.PathLike, *, devices: Sequence[
              until_step: int | None = None) -> FitResult:
     """Trains `cfg` in `workdir` through `fit` (resuming from its newest good checkpoint): packed
     LM batches of `cfg.data`, the NLL of `jaxllm.train.lm`, `optim.make_optimizer`, and at the last
-    step a sample of `cfg.sample_tokens` tokens after `cfg.sample_prompt` in the final record.
+    step a sample of `cfg.sample_tokens` tokens after `cfg.sample_prompt` in the final record. The
+    workdir records the model (`config.json`, tokenizer: `jaxllm.model.record_model`), so
+    `jaxllm.model.load_model(workdir)` reads its newest checkpoint back.
     ValueError on a config that does not fit the mesh or tokenizer; see `fit` for the rest."""
     devices = list(jax.devices() if devices is None else devices)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     cfg.check_data_parallel(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
     tokenizer = load_tokenizer(cfg.data)
     cfg.check_vocab(tokenizer.vocab_size)
+    if jax.process_index() == 0:
+        model_dir.record_model(workdir, cfg.model, tokenizer)
     batches = sources.lm_batches(
         open_source(cfg.data), tokenizer, batch_size=cfg.batch_size // jax.process_count(), seq_len=cfg.seq_len,
         seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing, text_key=cfg.data.text_key,

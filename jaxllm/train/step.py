@@ -1,6 +1,6 @@
 """The jitted training step: loss, exact gradient accumulation, optimizer update.
 
-Loss-function contract (DESIGN.md, objective seam): `loss_fn(params, batch, rng) -> (loss, aux)`.
+Loss-function contract (the objective seam of the README's seam table): `loss_fn(params, batch, rng) -> (loss, aux)`.
 `loss` is a scalar or a dict `{name: (numerator, denominator)}` whose value is Σ num/den. With
 gradient accumulation every term's numerator is summed over micro-batches and divided by the
 denominator summed over the *whole* batch, so a token-mean loss over B/4 × 4 micro-batches equals

@@ -123,3 +123,22 @@ def test_select_pair_errors():
         select_pair(["a"], [0.1])
     with pytest.raises(ValueError, match="finite"):
         select_pair(["a", "b"], [0.1, float("nan")])
+
+
+def test_read_triplets_names_the_file_and_line_of_bad_input(tmp_path):
+    from jaxllm.data.pairs import read_triplets
+
+    good = '{"prompt": "p", "chosen": "c", "rejected": "r"}'
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(good + "\n\n" + good + "\n")
+    assert read_triplets(path) == [("p", "c", "r"), ("p", "c", "r")]
+    for body, fragment in ((good + "\nnot json\n", f"{path}:2: invalid JSON"),
+                           (good + "\n[1, 2]\n", f"{path}:2: expected a JSON object, got list"),
+                           ('{"prompt": "p", "chosen": 3, "rejected": "r"}\n', f"{path}:1 lacks text fields ['chosen']"),
+                           ("", f"preference file {path} holds no records")):
+        path.write_text(body)
+        with pytest.raises(ValueError) as info:
+            read_triplets(path)
+        assert fragment in str(info.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_triplets(tmp_path / "missing.jsonl")

@@ -51,3 +51,11 @@ def test_traceback_on_request_and_for_bugs(monkeypatch, capsys):
 def test_success_returns_normally(monkeypatch, capsys):
     code, err = _run(monkeypatch, capsys, lambda argv: None)
     assert code in (0, None) and err == ""  # sys.exit(None) is status 0
+
+
+def test_flag_errors_are_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prog", "--nosuchflag=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        common.run(lambda argv: None)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "nosuchflag" in err

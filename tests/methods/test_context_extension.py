@@ -13,7 +13,7 @@ import pytest
 from jaxllm.data.tasks import long_context as lc
 from jaxllm.methods import context_extension as ce
 from jaxllm.model import llama, presets, rope
-from jaxllm.train import model_dir
+from jaxllm.model import model_dir
 
 K = 32
 C = 64  # pretrained window of the spec-level tests
@@ -300,24 +300,3 @@ def test_hf_export_reloads_in_transformers(tmp_path, method):
         assert np.max(np.abs(ours[:, C:] - theirs[:, C:])) / scale > 1e-3
     else:
         assert np.max(np.abs(ours - theirs)) / scale < 1e-4
-
-
-def test_load_model_reads_the_params_of_a_fit_checkpoint(tmp_path):
-    import grain
-    import optax
-
-    from jaxllm.train import checkpoint, state
-
-    cfg, params = tiny_model(rope=rope.default(16, 400.0))
-    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
-    ckpt.save(state.init_state(params, optax.adamw(1e-3), jax.random.key(0)), iter(grain.MapDataset.range(4)))
-    ckpt.wait()
-    ckpt.close()
-    model = {"preset": "tiny", "max_len": C, "n_layers": 3, "d_model": None, "rope_theta": 400.0}
-    loaded_cfg, loaded = model_dir.load_model(tmp_path, model)
-    assert loaded_cfg.rope.inv_freq == cfg.rope.inv_freq and loaded_cfg.max_len == C
-    jax.tree.map(np.testing.assert_array_equal, loaded, params)
-    with pytest.raises(ValueError, match="needs config.model.preset"):
-        model_dir.load_model(tmp_path, {})
-    with pytest.raises(FileNotFoundError, match="is neither a jaxllm model dir"):
-        model_dir.load_model(tmp_path / "missing")

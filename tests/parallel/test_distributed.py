@@ -9,7 +9,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from jaxllm.parallel.distributed import maybe_initialize, wants_distributed  # noqa: E402
+from jaxllm.parallel.distributed import maybe_initialize, process_args, wants_distributed  # noqa: E402
 
 SIGNALS = [
     "JAXLLM_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
@@ -42,6 +42,22 @@ def test_wants_distributed(environ, expected):
 def test_wants_distributed_rejects_bad_values(environ, name):
     with pytest.raises(ValueError, match=name):
         wants_distributed(environ)
+
+
+def test_process_count_and_id_from_the_environment():
+    assert process_args({}) == (None, None)
+    assert process_args({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == (2, 1)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID is not set"),
+    ({"JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES is not set"),
+    ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES must be a non-negative integer, got 'two'"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"JAX_PROCESS_ID=2 is not in \[0, JAX_NUM_PROCESSES=2\)"),
+])
+def test_bad_process_count_or_id_is_named(environ, message):
+    with pytest.raises(ValueError, match=message):
+        process_args(environ)
 
 
 def test_single_process_is_a_no_op(monkeypatch):

@@ -6,7 +6,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from jaxllm.parallel.mesh import AXES, make_mesh, parse_mesh_spec  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxllm.parallel.mesh import AXES, hybrid_device_array, make_mesh, parse_mesh_spec  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -64,3 +66,33 @@ def test_make_mesh_on_given_devices():
     assert set(mesh.devices.flat) == set(devices)
     with pytest.raises(ValueError, match="'fsdp:4' multiplies to 4 devices but there are 2"):
         make_mesh("fsdp:4", devices=devices)
+
+
+class FakeTpu:
+    """A device of a multislice job: what create_hybrid_device_mesh reads."""
+    platform, device_kind = "cpu", "fake"
+
+    def __init__(self, id, slice_index):
+        self.id, self.slice_index, self.process_index = id, slice_index, slice_index
+
+    def __repr__(self):
+        return f"d{self.id}@s{self.slice_index}"
+
+
+def test_dcn_axis_crosses_slices_only_in_its_dcn_part():
+    devices = [FakeTpu(i, i // 4) for i in range(16)]  # 4 slices of 4 chips, listed slice by slice
+    array = hybrid_device_array("fsdp:2,tensor:2", "data:2,fsdp:2", devices)
+    assert array.shape == (2, 4, 2)
+    slices = np.vectorize(lambda d: d.slice_index)(array)
+    # tensor stays inside a slice; fsdp's outer factor of 2 and data cross slices
+    assert (slices[:, :, 0] == slices[:, :, 1]).all()
+    assert (slices[:, :2] == slices[:, :2, :1]).all() and (slices[:, 2:] == slices[:, 2:, :1]).all()
+    assert sorted(slices[:, ::2, 0].ravel()) == [0, 1, 2, 3]
+    assert sorted(d.id for d in array.ravel()) == list(range(16))
+
+
+def test_dcn_mesh_on_cpu_devices_counts_processes_as_slices():
+    mesh = make_mesh("fsdp:4,tensor:2", dcn="data:1")  # one process: one slice
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(ValueError, match=r"dcn spec 'data:2' does not fit the 1 slice"):
+        make_mesh("fsdp:4", dcn="data:2")

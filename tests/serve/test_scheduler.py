@@ -46,13 +46,18 @@ class MockModel:
             ctx, last = int(batch.context_len_S[s]), int(batch.last_index_S[s])
             first = int(np.flatnonzero(batch.slot_T == s)[0])
             start = ctx - (last - first + 1)  # history: through the block table; this pass: its slots
-            table = batch.block_tables_SN[s, :-(-start // self.P)]
+            table = batch.block_tables_SW[s, :-(-start // self.P)]
             slots = (table[:, None] * self.P + np.arange(self.P)).reshape(-1)[:start]
             slots = np.concatenate([slots, batch.slot_mapping_T[first:last + 1]]).astype(np.int64)
             np.testing.assert_array_equal(v[slots], np.arange(ctx))  # every position cached in place
             assert k[slots[-1]] == batch.tokens_T[batch.last_index_S[s]]
             logits_SV[s] = mock_logits(k[slots].astype(np.int64))
         return logits_SV
+
+    def copy(self, copies):
+        """The device half of forks: whole blocks src -> dst."""
+        for src, dst in copies:
+            self.k, self.v = self.k.at[dst].set(self.k[src]), self.v.at[dst].set(self.v[src])
 
 
 def reference(prompt, params, request_index, sample_index):
@@ -147,6 +152,7 @@ def run(cfg, requests, *, arrivals=None, max_passes=3000):
         paused = sum(s.status is Status.DECODE and s not in plan.seqs for s in sched.running)
         tokens, logprobs = sample_jit(model(plan.batch), plan.sampling_rows())
         finished = sched.update(plan, np.asarray(tokens), np.asarray(logprobs))
+        model.copy(sched.take_copies())
         for seq in finished:
             outputs[seq.request_index, seq.sample_index] = (seq.output, seq.logprobs, seq.finish_reason)
         trace.append(Pass(rows, admitted, paused, {s.request_index for s in finished}))
@@ -185,7 +191,7 @@ CONFIGS = {
     "splitfuse": SchedulerConfig(num_blocks=12, block_size=4, token_budget=8, max_seqs=4, buckets=(4, 8)),
     "prefill_first": SchedulerConfig(num_blocks=12, block_size=4, policy="prefill_first", token_budget=32,
                                      max_seqs=4, buckets=(8, 16, 32)),
-    "static": SchedulerConfig(num_blocks=12, block_size=4, policy="static", token_budget=32, max_seqs=4,
+    "static": SchedulerConfig(num_blocks=10, block_size=4, policy="static", token_budget=32, max_seqs=4,
                               buckets=(8, 16, 32)),
 }
 
@@ -390,9 +396,27 @@ def test_block_tables_are_as_wide_as_the_longest_history_bucket():
     sched.add(0, *requests[0])
     widths = []
     while (plan := sched.schedule()) is not None:
-        widths.append(plan.batch.block_tables_SN.shape[1])
+        widths.append(plan.batch.block_tables_SW.shape[1])
         S = len(plan.batch.context_len_S)
         sched.update(plan, np.zeros(S, np.int32), np.zeros(S, np.float32))
     # fresh prompt: no history, narrowest tables; decodes after 20 and 21 cached tokens: 5 and 6
     # blocks (position 20 starts block 5, which only the slot mapping addresses)
     assert widths == [2, 5, 10]
+
+
+@pytest.mark.parametrize("max_seqs, prompt_len, want_fork", [(4, 10, True), (4, 9, True), (1, 10, False)])
+def test_samples_fork_from_one_prefill(max_seqs, prompt_len, want_fork):
+    """n=3 samples (best_of 4) are forked from one prefill (a partial last block copied, or none
+    when the shared tokens end on a block boundary) and decode exactly as sequential decoding;
+    without room in the running set they are queued and prefilled on their own."""
+    rng = np.random.default_rng(11)
+    prompt = [int(t) for t in rng.integers(0, V, prompt_len)]
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=3, n=3, best_of=4)
+    cfg = SchedulerConfig(num_blocks=16, block_size=4, token_budget=8, max_seqs=max_seqs, buckets=(4, 8),
+                          prefix_caching=False)
+    outputs, _, sched = run(cfg, [(prompt, params)])
+    for j in range(4):
+        want_out, want_logprobs, _ = reference(prompt, params, 0, j)
+        assert outputs[0, j][0] == want_out
+        np.testing.assert_allclose(outputs[0, j][1], want_logprobs, rtol=1e-5, atol=1e-6)
+    assert sched.num_prompt_tokens_computed == (prompt_len + 3 if want_fork else 4 * prompt_len)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -17,13 +19,13 @@ from jaxllm.train.config import TrainConfig, config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 40
-TINY = ["--config=experiments/pretrain/config.py", "--config.model.preset=tiny", f"--config.steps={STEPS}",
+TINY = ["--config=experiments/pretrain/config.py", "--config.model.preset=tiny", "--config.model.d_model=64",
+        "--config.model.d_ff=192", f"--config.steps={STEPS}",
         "--config.batch_size=8", "--config.seq_len=32", "--config.log_every=1", "--config.checkpoint_every=100",
         "--config.peak_flops=1e11", "--config.sample_tokens=4", "--config.mesh=fsdp:-1"]
 
 
 def env():
-    import jax
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
             "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
@@ -57,6 +59,17 @@ def test_sigterm_checkpoints_and_exits_then_rerun_resumes_to_the_end(tmp_path):
     assert f"resumed from step {stopped}" in out and f"sample after step {STEPS}:" in out
     assert metric_steps(tmp_path) == list(range(1, STEPS + 1))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [stopped, STEPS]
+
+    # The workdir records its model: load_model reads the last checkpoint back without the config file.
+    from jaxllm.data.tokenizer import Tokenizer
+    from jaxllm.model import load_model, load_tokenizer
+    from jaxllm.train import checkpoint
+
+    model_cfg, params = load_model(tmp_path)
+    assert model_cfg == TrainConfig.from_dict(parse_config(*TINY[1:]).to_dict()).model
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    jax.tree.map(np.testing.assert_array_equal, params, checkpoint.restore_params(tmp_path / "checkpoints", abstract))
+    assert load_tokenizer(tmp_path).model_proto == Tokenizer.default().model_proto
 
 
 def test_misspelt_config_field_fails_the_launch(tmp_path):

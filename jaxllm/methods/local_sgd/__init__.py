@@ -1,7 +1,7 @@
 """Asynchronous Local-SGD with delayed Nesterov and dynamic local updates (arXiv 2401.09135).
 
-Spec: shared/papers/local_sgd.md. Everything here is host-side Python/NumPy or a pure optax
-transform; a trainer composes it with the ordinary jitted inner train step.
+Everything here is host-side Python/NumPy or a pure optax transform; a trainer composes it with
+the ordinary jitted inner train step.
 
 Outer optimizers (`outer.py`), optax `GradientTransformation`s fed with one pseudo-gradient
 g = θ_start − θ_local per call and returning the update to *add* (θ ← optax.apply_updates(θ, u)):
@@ -24,8 +24,11 @@ Configuration and simulation (`config.py`, `simulator.py`):
 Training a model (`task.py`, `worker.py`, `server.py`, `runner.py`, `ray_runtime.py`, `lm_task.py`):
   WorkerTask(loss_fn, inner_optimizer, lr_schedule: ShardSchedule, shards, grad_accum=1)
       what every worker needs; shards[i](shard_step) -> batch (e.g. ArrayShard(arrays, batch_size, seed)).
-  run(cfg, params, task, eval_fn=None, eval_every=1) -> (params, History)
+  run(cfg, params, task, eval_fn=None, eval_every=1, outer_optimizer=None) -> (params, History)
       in-process replay of simulate(cfg) with real inner steps; History.time is simulated.
+      outer_optimizer: any optax transform (e.g. optax.chain(clip, delayed_nesterov(...)));
+      None builds the preset the config names (cfg.outer_optimizer()). The servers and
+      RayRuntime take the same argument.
   RayRuntime(cfg, params, task, eval_fn, schedule="live"|"replay", ...).start().join()
   run_ray(cfg, params, task, eval_fn, timeout=None, **options) -> (params, History)
       one Ray actor per worker + a parameter-server actor (extra `jaxllm[distributed]`).

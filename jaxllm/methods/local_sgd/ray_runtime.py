@@ -72,9 +72,10 @@ class ServerActor:
     """Ray actor around a ParameterServer; params travel as host (NumPy) arrays."""
 
     def __init__(self, cfg: LocalSGDConfig, params, schedule: Schedule, eval_fn: EvalFn | None, eval_every: int,
-                 jax_settings: dict[str, Any]):
+                 jax_settings: dict[str, Any], outer_optimizer=None):
         _apply_jax_settings(jax_settings)
-        self.server = make_server(cfg, params, schedule, eval_fn=eval_fn, eval_every=eval_every)
+        self.server = make_server(cfg, params, schedule, eval_fn=eval_fn, eval_every=eval_every,
+                                  outer_optimizer=outer_optimizer)
 
     def request_job(self, worker: int):
         reply = self.server.request_job(worker)
@@ -137,12 +138,14 @@ class RayRuntime:
     emulate_speed: real seconds per simulated second; > 0 pads each worker's steps to
       cfg.worker_seconds_per_step() · emulate_speed, to show heterogeneous speeds on equal devices.
     poll_seconds: how long a worker waits before asking again after WAIT.
+    outer_optimizer: any optax transform for the server (None: the preset `cfg` names); it
+      travels to the server actor pickled, so it must be picklable by Ray (closures are).
     """
 
     def __init__(self, cfg: LocalSGDConfig, params, task: WorkerTask, eval_fn: EvalFn | None = None, *,
                  schedule: Schedule = "live", eval_every: int = 1, worker_options: dict | None = None,
                  server_options: dict | None = None, replace_lost_workers: bool = True,
-                 emulate_speed: float = 0.0, poll_seconds: float = 0.01):
+                 emulate_speed: float = 0.0, poll_seconds: float = 0.01, outer_optimizer=None):
         self.ray = require_ray()
         if schedule not in ("live", "replay"):
             raise ValueError(f"schedule={schedule!r} must be 'live' or 'replay'")
@@ -152,7 +155,7 @@ class RayRuntime:
             raise ValueError(f"poll_seconds={poll_seconds} must be > 0")
         task.check_config(len(cfg.resolved_shard_sizes))
         self.cfg, self.params, self.task, self.eval_fn = cfg, params, task, eval_fn
-        self.schedule, self.eval_every = schedule, eval_every
+        self.schedule, self.eval_every, self.outer_optimizer = schedule, eval_every, outer_optimizer
         self.worker_options = dict(_DEFAULT_OPTIONS if worker_options is None else worker_options)
         self.server_options = dict(_DEFAULT_OPTIONS if server_options is None else server_options)
         self.replace_lost_workers = replace_lost_workers
@@ -169,7 +172,8 @@ class RayRuntime:
         settings = _jax_settings()
         self._worker_cls = ray.remote(WorkerActor)
         self.server = ray.remote(ServerActor).options(**self.server_options).remote(
-            self.cfg, jax.device_get(self.params), self.schedule, self.eval_fn, self.eval_every, settings)
+            self.cfg, jax.device_get(self.params), self.schedule, self.eval_fn, self.eval_every, settings,
+            self.outer_optimizer)
         self.workers = [None] * self.cfg.num_workers
         for w in range(self.cfg.num_workers):
             self._spawn(w, self.worker_options)

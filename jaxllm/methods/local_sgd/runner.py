@@ -6,6 +6,8 @@ always finds a job's start version available. Timing comes only from the simulat
 exactly reproducible from its `LocalSGDConfig`, whatever the machine's real speed.
 """
 
+import optax
+
 from jaxllm.methods.local_sgd.config import LocalSGDConfig
 from jaxllm.methods.local_sgd.server import EvalFn, History, ReplayServer
 from jaxllm.methods.local_sgd.simulator import simulate
@@ -14,16 +16,17 @@ from jaxllm.methods.local_sgd.worker import InnerWorker
 
 
 def run(cfg: LocalSGDConfig, params, task: WorkerTask, eval_fn: EvalFn | None = None, *,
-        eval_every: int = 1) -> tuple[object, History]:
+        eval_every: int = 1, outer_optimizer: optax.GradientTransformation | None = None) -> tuple[object, History]:
     """(final global params, History) of one arm.
 
     params: the initial global model (version 0). eval_fn(params) -> float is called at version
     0, every `eval_every` outer updates and at the end; History.time holds simulated seconds.
-    Worker w's train-step rng is derived from cfg.seed and w.
+    Worker w's train-step rng is derived from cfg.seed and w. `outer_optimizer`: any optax
+    transform (None: the preset `cfg` names; see `ParameterServer`).
     """
     task.check_config(len(cfg.resolved_shard_sizes))
     events = simulate(cfg)
-    server = ReplayServer(cfg, params, events, eval_fn=eval_fn, eval_every=eval_every)
+    server = ReplayServer(cfg, params, events, eval_fn=eval_fn, eval_every=eval_every, outer_optimizer=outer_optimizer)
     workers = [InnerWorker(task, w, cfg.seed) for w in range(cfg.num_workers)]
     for event in events:
         job, start = server.request_job(event.worker)

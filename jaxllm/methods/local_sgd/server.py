@@ -112,13 +112,9 @@ class History:
                 "rejections": [dataclasses.asdict(r) for r in self.rejections]}
 
 
-@functools.lru_cache(maxsize=32)
-def outer_step_fn(*outer_settings):
-    """Jitted `(params, outer_state, [g, ...]) -> (params, outer_state)`: one outer update on the
-    mean of the given pseudo-gradients (summed in list order). `outer_settings` are
-    `LocalSGDConfig.outer_settings`; cached, so runs with the same outer optimizer share one
-    compiled step."""
-    tx = make_outer_optimizer(*outer_settings)
+def make_outer_step(tx: optax.GradientTransformation):
+    """Jitted `(params, outer_state, [g, ...]) -> (params, outer_state)`: one update of the outer
+    optimizer `tx` on the mean of the given pseudo-gradients (summed in list order)."""
 
     @jax.jit
     def outer_step(params, outer_state, pseudo_grads):
@@ -129,22 +125,41 @@ def outer_step_fn(*outer_settings):
     return outer_step
 
 
+@functools.lru_cache(maxsize=32)
+def outer_step_fn(*outer_settings):
+    """`make_outer_step` of the preset `LocalSGDConfig.outer_settings` names; cached, so runs with
+    the same preset share one compiled step."""
+    return make_outer_step(make_outer_optimizer(*outer_settings))
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class ParameterServer(abc.ABC):
-    """Global model, outer optimizer, validation and history; subclasses decide the schedule."""
+    """Global model, outer optimizer, validation and history; subclasses decide the schedule.
+
+    `outer_optimizer`: any optax transform fed the mean pseudo-gradient of each outer update
+    (e.g. `optax.chain(optax.clip_by_global_norm(1.0), delayed_nesterov(...))`); None builds the
+    preset the config names (`cfg.outer_optimizer()`)."""
 
     def __init__(self, cfg: LocalSGDConfig, params, *, eval_fn: EvalFn | None = None, eval_every: int = 1,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 outer_optimizer: optax.GradientTransformation | None = None):
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise ValueError(f"eval_every={eval_every!r} must be an integer >= 1")
+        if outer_optimizer is not None and not isinstance(outer_optimizer, optax.GradientTransformation):
+            raise ValueError(f"outer_optimizer must be an optax.GradientTransformation, got "
+                             f"{type(outer_optimizer).__name__}")
         self.cfg = cfg
         self.params = jax.tree.map(jnp.asarray, params)
-        self.outer_state = cfg.outer_optimizer().init(self.params)
-        self._outer_step = outer_step_fn(*cfg.outer_settings)
+        if outer_optimizer is None:
+            self.outer_state = cfg.outer_optimizer().init(self.params)
+            self._outer_step = outer_step_fn(*cfg.outer_settings)
+        else:
+            self.outer_state = outer_optimizer.init(self.params)
+            self._outer_step = make_outer_step(outer_optimizer)
         self.version = 0
         self.local_steps = 0
         self.open: dict[int, Job] = {}
