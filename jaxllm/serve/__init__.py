@@ -10,7 +10,8 @@ from jaxllm.serve.paged_attention import AttentionFn, PagedKVCache, paged_attent
 from jaxllm.serve.sampling import (MAX_LOGPROBS, LogitAdjust, LogitsFn, ProxyTriple, SamplingParams, SamplingRows,
                                    adjust_logits, combine_proxy_logits, logit_adjust, map_logits, process_logits,
                                    proxy_tuned, sample, sample_with_top_logprobs, sampling_rows, suppress_tokens)
-from jaxllm.serve.scheduler import Scheduler, SchedulerConfig, Sequence, Status, StepPlan
+from jaxllm.serve.scheduler import Scheduler, SchedulerConfig
+from jaxllm.serve.sequence import Sequence, Status, StepPlan
 from jaxllm.serve.step import llama_logits_fn
 
 __all__ = [

@@ -43,7 +43,8 @@ from jaxllm.serve.detokenize import IncrementalText
 from jaxllm.serve.outputs import Completion, TokenEvent
 from jaxllm.serve.paged_attention import AttentionFn, commit, paged_attention
 from jaxllm.serve.sampling import LogitsFn, SamplingParams, sampling_rows
-from jaxllm.serve.scheduler import Scheduler, SchedulerConfig, StepPlan, check_prompt
+from jaxllm.serve.scheduler import Scheduler, SchedulerConfig
+from jaxllm.serve.sequence import StepPlan, check_prompt
 from jaxllm.serve.step import default_buckets, default_context_buckets, device_step, llama_logits_fn
 
 
