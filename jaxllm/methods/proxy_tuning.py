@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.model.llama import LlamaConfig
 from jaxllm.serve.cache import KVSpec
-from jaxllm.serve.engine import Engine, llama_logits_fn
+from jaxllm.serve.engine import Engine
+from jaxllm.serve.step import llama_logits_fn
 from jaxllm.serve.sampling import ProxyTriple, proxy_tuned
 
 Encoder = Callable[[str], list[int]]

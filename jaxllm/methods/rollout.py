@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.serve.engine import Completion, Engine
+from jaxllm.serve.engine import Engine
+from jaxllm.serve.outputs import Completion
 from jaxllm.serve.sampling import SamplingParams
 
 

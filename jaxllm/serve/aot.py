@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the engine's step for a TPU topology: does a model serve there, and
 how large a KV pool fits?
 
-The engine's device program (`engine.device_step`: the model over one ragged pass through the
+The engine's device program (`jaxllm.serve.step.device_step`: the model over one ragged pass through the
 paged cache, then sampling) is lowered with the engine's tensor-parallel shardings
 (`jaxllm.serve.sharding`) over a described TPU slice and compiled by XLA:TPU, as
 `jaxllm.train.aot` does for training. Per chip: the weights and the KV pool (exact, from their
@@ -21,7 +21,7 @@ from jaxllm.model import kernels, llama
 from jaxllm.parallel import make_mesh
 from jaxllm.serve import sharding
 from jaxllm.serve.cache import KVPool, RaggedBatch
-from jaxllm.serve.engine import device_step, llama_logits_fn
+from jaxllm.serve.step import device_step, llama_logits_fn
 from jaxllm.serve.paged_attention import AttentionFn, paged_attention
 from jaxllm.serve.sampling import sampling_rows
 from jaxllm.train.aot import GiB, HBM_BYTES, topology_devices

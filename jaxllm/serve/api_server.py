@@ -31,7 +31,8 @@ from absl import logging as absl_logging
 from fastapi import responses
 
 from jaxllm.serve import openai_protocol as protocol
-from jaxllm.serve.engine import Completion, Engine, TokenEvent
+from jaxllm.serve.engine import Engine
+from jaxllm.serve.outputs import Completion, TokenEvent
 from jaxllm.serve.engine_loop import EngineLoop, Overloaded
 from jaxllm.serve.metrics import ServerMetrics
 

@@ -40,70 +40,12 @@ from jaxllm.model.llama import Llama, LlamaConfig
 from jaxllm.serve import sharding
 from jaxllm.serve.cache import KVSpec, RaggedBatch, copy_blocks, init_kv_pool
 from jaxllm.serve.detokenize import IncrementalText
-from jaxllm.serve.paged_attention import AttentionFn, PagedKVCache, commit, paged_attention
-from jaxllm.serve.sampling import LogitsFn, SamplingParams, sample_with_top_logprobs, sampling_rows
-from jaxllm.serve.scheduler import Scheduler, SchedulerConfig, StepPlan, check_prompt
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    """One finished sample: generated `tokens`, the log-probability of each under the distribution
-    it was sampled from, why it ended ("stop": a stop token, kept in `tokens`, or a stop string;
-    "length": max_tokens), and how many prompt tokens were served from the prefix cache. With a
-    tokenizer: `text` (cut before a stop string). `top_logprobs`: per token, the requested number
-    of (token, logprob) alternatives, most likely first."""
-    request_id: int
-    sample_index: int
-    tokens: list[int]
-    logprobs: list[float]
-    finish_reason: str
-    num_cached_tokens: int
-    text: str | None = None
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
-    """One token produced by `Engine.step` (finish_reason set on a sample's last token). `text`:
-    the sample's text handed out with this token (with a tokenizer; may lag behind the tokens
-    while a stop string could be starting); `top_logprobs` as in `Completion`."""
-    request_id: int
-    sample_index: int
-    token: int
-    logprob: float
-    finish_reason: str | None
-    text: str = ""
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-
-
-def llama_logits_fn(cfg: LlamaConfig) -> LogitsFn:
-    """The LogitsFn of `Llama(cfg)` over a paged pass: the flat pass is one row [1, T], and the LM
-    head runs only on each sequence's last token of the pass (`last_index_S`)."""
-    model = Llama(cfg)
-
-    def logits_fn(params, tokens_T, positions_T, cache):
-        last_S = jnp.maximum(cache.batch.last_index_S, 0)
-        logits_1SV, cache = model.apply({"params": params}, tokens_T[None], positions_T[None], cache=cache,
-                                        logit_indices_BS=last_S[None])
-        return logits_1SV[0], cache
-
-    return logits_fn
-
-
-def default_buckets(token_budget: int) -> tuple[int, ...]:
-    """Token buckets: powers of two from 16 below the budget, then the budget."""
-    sizes = [16]
-    while sizes[-1] * 2 < token_budget:
-        sizes.append(sizes[-1] * 2)
-    return tuple(b for b in sizes if b < token_budget) + (token_budget,)
-
-
-def default_context_buckets(max_model_len: int | None) -> tuple[int, ...]:
-    """Context buckets: 256 tokens, then ×4, below `max_model_len` (the full width is added)."""
-    sizes = []
-    while max_model_len and (sizes[-1] * 4 if sizes else 256) < max_model_len:
-        sizes.append(sizes[-1] * 4 if sizes else 256)
-    return tuple(sizes)
+from jaxllm.serve.outputs import Completion, TokenEvent
+from jaxllm.serve.paged_attention import AttentionFn, commit, paged_attention
+from jaxllm.serve.sampling import LogitsFn, SamplingParams, sampling_rows
+from jaxllm.serve.scheduler import Scheduler, SchedulerConfig
+from jaxllm.serve.sequence import StepPlan, check_prompt
+from jaxllm.serve.step import default_buckets, default_context_buckets, device_step, llama_logits_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +53,6 @@ class _Streams:
     """Per-member prompts of an ensemble request, left-padded (−1) to the longest: [M, L]."""
     tokens_ML: np.ndarray
     offsets_M: np.ndarray
-
-
-def _is_leaf_cache(x) -> bool:
-    return isinstance(x, PagedKVCache)
 
 
 @dataclasses.dataclass
@@ -481,19 +419,3 @@ class Engine:
         with self._context():
             return device_step(self._logits_fn, self._attention, self._treedef, self.vocab_size, params, pools,
                                batches, offsets, rows, adjust)
-
-
-def device_step(logits_fn: LogitsFn, attention: AttentionFn, treedef, vocab_size: int, params, pools,
-                batches: tuple[RaggedBatch, ...], offsets, rows, adjust=None):
-    """The engine's device program: the LogitsFn on one pass with every member's paged cache (pool
-    read-only; `treedef` arranges the members), then sampling (`adjust`: the pass's penalties and
-    logit biases, None for none). Returns (tokens_S, logprobs_S, top_ids_SK, top_logprobs_SK, each
-    member's pending K/V rows). Pure, so it also lowers ahead of time (`jaxllm.train.aot`)."""
-    unflatten = lambda xs: jax.tree.unflatten(treedef, list(xs))  # noqa: E731
-    caches = [PagedKVCache(pool, b, off, attention=attention) for pool, b, off in zip(pools, batches, offsets)]
-    logits_SV, new_caches = logits_fn(params, unflatten(b.tokens_T for b in batches),
-                                      unflatten(b.positions_T for b in batches), unflatten(caches))
-    if logits_SV.shape[-1] != vocab_size:
-        raise ValueError(f"the model returns {logits_SV.shape[-1]} logits per row, vocab_size is {vocab_size}")
-    pending = tuple(c.pending for c in jax.tree.leaves(new_caches, is_leaf=_is_leaf_cache))
-    return (*sample_with_top_logprobs(logits_SV, rows, adjust), pending)

@@ -19,7 +19,8 @@ from typing import Annotated, Literal
 import pydantic
 from pydantic import Field
 
-from jaxllm.serve.engine import Completion, Engine, TokenEvent
+from jaxllm.serve.engine import Engine
+from jaxllm.serve.outputs import Completion, TokenEvent
 from jaxllm.serve.sampling import MAX_LOGPROBS, SamplingParams
 
 _STRICT = pydantic.ConfigDict(extra="forbid", strict=True)

@@ -31,7 +31,8 @@ import numpy as np
 from jaxllm.model.flops import matmul_params
 from jaxllm.model.llama import LlamaConfig
 from jaxllm.serve.sampling import SamplingParams
-from jaxllm.serve.scheduler import Scheduler, SchedulerConfig, StepPlan
+from jaxllm.serve.scheduler import Scheduler, SchedulerConfig
+from jaxllm.serve.sequence import StepPlan
 
 
 @dataclasses.dataclass(frozen=True)

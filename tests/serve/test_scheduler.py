@@ -15,7 +15,8 @@ import pytest
 
 from jaxllm.serve.cache import write_kv
 from jaxllm.serve.sampling import SamplingParams, sample, sampling_rows
-from jaxllm.serve.scheduler import Scheduler, SchedulerConfig, Status
+from jaxllm.serve.scheduler import Scheduler, SchedulerConfig
+from jaxllm.serve.sequence import Status
 
 V = 16
 sample_jit = jax.jit(sample)

@@ -62,15 +62,8 @@ from jaxllm.methods.local_sgd.outer import (
 )
 from jaxllm.methods.local_sgd.ray_runtime import RayRuntime, run_ray
 from jaxllm.methods.local_sgd.runner import run
-from jaxllm.methods.local_sgd.server import (
-    AsyncServer,
-    History,
-    Job,
-    ParameterServer,
-    ReplayServer,
-    SyncServer,
-    make_server,
-)
+from jaxllm.methods.local_sgd.history import History, Job
+from jaxllm.methods.local_sgd.server import AsyncServer, ParameterServer, ReplayServer, SyncServer, make_server
 from jaxllm.methods.local_sgd.shards import sample_shard, shard_learning_rate, shard_probabilities
 from jaxllm.methods.local_sgd.simulator import Event, simulate, utilisation, version_times
 from jaxllm.methods.local_sgd.task import ArrayShard, EvalLoss, ShardSchedule, WorkerTask

@@ -40,7 +40,8 @@ from typing import Any
 import jax
 
 from jaxllm.methods.local_sgd.config import LocalSGDConfig
-from jaxllm.methods.local_sgd.server import DONE, WAIT, EvalFn, History, Schedule, make_server
+from jaxllm.methods.local_sgd.history import History
+from jaxllm.methods.local_sgd.server import DONE, WAIT, EvalFn, Schedule, make_server
 from jaxllm.methods.local_sgd.task import WorkerTask
 from jaxllm.methods.local_sgd.worker import InnerWorker
 

@@ -9,7 +9,8 @@ exactly reproducible from its `LocalSGDConfig`, whatever the machine's real spee
 import optax
 
 from jaxllm.methods.local_sgd.config import LocalSGDConfig
-from jaxllm.methods.local_sgd.server import EvalFn, History, ReplayServer
+from jaxllm.methods.local_sgd.history import History
+from jaxllm.methods.local_sgd.server import EvalFn, ReplayServer
 from jaxllm.methods.local_sgd.simulator import simulate
 from jaxllm.methods.local_sgd.task import WorkerTask
 from jaxllm.methods.local_sgd.worker import InnerWorker
