@@ -65,12 +65,12 @@ def _local(q_THK, k_TGK, v_TGK, k_NPGK, v_NPGK, batch: RaggedBatch):
     cu_q_lens = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_S.astype(jnp.int32)])
     kv_lens_S = jnp.where(valid_S, batch.context_len_S, 0).astype(jnp.int32)
     num_seqs = jnp.sum(valid_S, dtype=jnp.int32).reshape(1)
-    pages_SN = jnp.maximum(batch.block_tables_SN, 0).astype(jnp.int32)
+    pages_SW = jnp.maximum(batch.block_tables_SW, 0).astype(jnp.int32)
     # On a TPU the kernel looks up tuned blocks for the chip it runs on; lowering from another host
     # (ahead of time, or interpreted) has no chip to ask.
     blocks = {} if jax.default_backend() == "tpu" else dict(
-        num_kv_pages_per_block=min(max(1, 128 // P), pages_SN.shape[1]), num_queries_per_block=min(32, q_THK.shape[0]))
-    call = lambda: rpa.ragged_paged_attention(q_THK.astype(kv_pages.dtype), kv_pages, kv_lens_S, pages_SN,  # noqa: E731
+        num_kv_pages_per_block=min(max(1, 128 // P), pages_SW.shape[1]), num_queries_per_block=min(32, q_THK.shape[0]))
+    call = lambda: rpa.ragged_paged_attention(q_THK.astype(kv_pages.dtype), kv_pages, kv_lens_S, pages_SW,  # noqa: E731
                                               cu_q_lens, num_seqs, sm_scale=1.0, **blocks)
     if kernels.interpreting():
         from jax.experimental.pallas import tpu as pltpu

@@ -292,6 +292,8 @@ def test_config_dict_round_trip_and_errors():
         mp.fit_preference(train_config(), toy_pairs(), "/tmp/unused", until_step=9)
 
 
+# a subprocess launch; the trainer it calls is tested in-process above
+@pytest.mark.slow
 def test_launcher_trains_dpo_end_to_end(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}

@@ -41,6 +41,9 @@ def metric_steps(workdir):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+# a subprocess launch; the loop's SIGTERM save and resume run in-process in test_loop.py and the
+# launcher's kill-and-rerun in tests/reliability
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_then_rerun_resumes_to_the_end(tmp_path):
     proc = launch(*TINY, f"--workdir={tmp_path}")
     deadline = time.time() + 240

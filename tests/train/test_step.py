@@ -29,8 +29,9 @@ def batch(B=8, T=12, seed=0):
 def test_token_mean_accumulation_is_exact():
     params = llama.init_params(CFG, jax.random.key(0))
     b = batch()
-    loss1, g1, _ = step_lib.accumulated_grads(nll_fn, params, b, jax.random.key(0), grad_accum=1)
-    loss4, g4, _ = step_lib.accumulated_grads(nll_fn, params, b, jax.random.key(0), grad_accum=4)
+    grads = jax.jit(step_lib.accumulated_grads, static_argnums=(0,), static_argnames=("grad_accum",))
+    loss1, g1, _ = grads(nll_fn, params, b, jax.random.key(0), grad_accum=1)
+    loss4, g4, _ = grads(nll_fn, params, b, jax.random.key(0), grad_accum=4)
     logits = llama.forward(CFG, params, b["tokens"])
     mask = np.asarray(b["loss_mask"]).copy()
     mask[:, 0] = 0
@@ -39,8 +40,8 @@ def test_token_mean_accumulation_is_exact():
     np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-7, rtol=1e-5), g1, g4)
     # a naive mean of micro-batch means differs here, so the test can fail
-    naive = np.mean([float(step_lib.accumulated_grads(nll_fn, params, jax.tree.map(lambda x: x[i * 2:(i + 1) * 2], b),
-                                                      jax.random.key(0))[0]) for i in range(4)])
+    naive = np.mean([float(grads(nll_fn, params, jax.tree.map(lambda x: x[i * 2:(i + 1) * 2], b),
+                                 jax.random.key(0))[0]) for i in range(4)])
     assert abs(naive - float(loss1)) > 1e-3
 
 
