@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxllm.data import corpus, paths
+from jaxllm.data.jsonl import jsonl_objects
 
 VERSION = "1.0.0"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -185,19 +186,8 @@ def _file_sha256(path: pathlib.Path) -> bytes:
 
 def _read_jsonl(files: Sequence[pathlib.Path], fields: Sequence[str]) -> Iterator[Example]:
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                     f"{type(record).__name__}")
-                for k in fields:
-                    if not isinstance(record.get(k), str):
-                        raise ValueError(f"{path}:{lineno}: field {k!r} must be a string, got "
-                                         f"{record.get(k)!r:.80}")
-                yield {k: record[k] for k in fields}
+        for lineno, record in jsonl_objects(path):
+            for k in fields:
+                if not isinstance(record.get(k), str):
+                    raise ValueError(f"{path}:{lineno}: field {k!r} must be a string, got {record.get(k)!r:.80}")
+            yield {k: record[k] for k in fields}

@@ -4,7 +4,6 @@ into the padded pair arrays of `jaxllm.data.preference.collate_pairs`, and the c
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -12,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jaxllm.data.epochs import check_rows
+from jaxllm.data.jsonl import jsonl_objects
 from jaxllm.data.preference import collate_pairs, tokenize_pair
 from jaxllm.data.tasks import translation
 from jaxllm.data.tokenizer import Tokenizer
@@ -63,15 +63,7 @@ def read_triplets(path: str | os.PathLike, keys=("prompt", "chosen", "rejected")
     if not path.is_file():
         raise FileNotFoundError(f"preference file {path} does not exist")
     triplets = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: invalid JSON ({err})") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    for number, record in jsonl_objects(path):
         missing = [k for k in keys if not isinstance(record.get(k), str)]
         if missing:
             raise ValueError(f"{path}:{number} lacks text fields {missing}")
