@@ -200,15 +200,15 @@ def retrieval_hits(model_cfg: llama.LlamaConfig, params, samples: dict, batch_si
     return np.concatenate([np.asarray(h) for h in hits])
 
 
-def causal_attention_entropy(q_BTHK, k_BTHK, mask_BTS=None):
+def causal_attention_entropy(q_BTHK, k_BCHK, mask_BTC=None):
     """Entropy −Σ p ln p (nats) of causal softmax attention per query: [B, H, T] float32.
     `q_BTHK` must already carry 1/sqrt(K) and any logit scale (as the model feeds attention)."""
     T = q_BTHK.shape[1]
-    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK.astype(jnp.float32), k_BTHK.astype(jnp.float32))
-    mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None] if mask_BTS is None else mask_BTS
-    logits_BHTS = jnp.where(mask_BTS[:, None], logits_BHTS, attention.NEG_INF)
-    logp_BHTS = jax.nn.log_softmax(logits_BHTS, axis=-1)
-    return -jnp.sum(jnp.exp(logp_BHTS) * logp_BHTS, axis=-1)
+    logits_BHTC = jnp.einsum("bthk,bchk->bhtc", q_BTHK.astype(jnp.float32), k_BCHK.astype(jnp.float32))
+    mask_BTC = jnp.tril(jnp.ones((T, T), bool))[None] if mask_BTC is None else mask_BTC
+    logits_BHTC = jnp.where(mask_BTC[:, None], logits_BHTC, attention.NEG_INF)
+    logp_BHTC = jax.nn.log_softmax(logits_BHTC, axis=-1)
+    return -jnp.sum(jnp.exp(logp_BHTC) * logp_BHTC, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg",))
