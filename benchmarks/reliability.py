@@ -17,7 +17,7 @@ after SIGTERM). A launch that finishes before its interruption lands is compared
 interruption is retried, and the campaign goes on in a fresh workdir. Random kills land within
 the reference run's wall time.
 
-Finally (as root, where a tmpfs can be mounted) the run is started in an 8 MiB tmpfs, room for one
+Finally (as root, where a tmpfs can be mounted) the run is started in a 20 MiB tmpfs, room for one (12.6 MB)
 checkpoint: the second checkpoint's write fails, the run must stop with a one-line error naming the
 full disk, and the first checkpoint must still restore (verified against its fingerprint).
 
@@ -268,7 +268,7 @@ def campaign(root: pathlib.Path, plan: list[str], *, corruptions: int = 0, seed:
             raise AssertionError(f"launch {stats['launches']} ({action}) failed with status {rc}: {err[-3000:]}")
 
 
-def full_disk(root: pathlib.Path, size: str = "8m", steps: int = 20, checkpoint_every: int = 5) -> dict:
+def full_disk(root: pathlib.Path, size: str = "20m", steps: int = 20, checkpoint_every: int = 5) -> dict:
     """Runs in a `size` tmpfs (root only; returns {"skipped": reason} otherwise); raises
     AssertionError unless the run stops with a one-line error naming the full disk and the previous
     checkpoint restores."""

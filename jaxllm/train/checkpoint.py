@@ -149,8 +149,10 @@ class Checkpointer:
             text = str(err)
             code = errno.ENOSPC if "No space left on device" in text or "os_error_code='28'" in text else None
             cause = "No space left on device" if code == errno.ENOSPC else _summary(err)
-            message = (f"checkpoint of step {failed} in {self.directory} could not be written: {cause}; "
-                       f"the newest complete checkpoint, step {self._manager.latest_step()}, is intact")
+            latest = self._manager.latest_step()
+            kept = ("no complete checkpoint was written before it" if latest is None
+                    else f"the newest complete checkpoint, step {latest}, is intact")
+            message = f"checkpoint of step {failed} in {self.directory} could not be written: {cause}; {kept}"
             raise (OSError(code, message) if code else OSError(message)) from err
 
     def close(self) -> None:
