@@ -24,7 +24,7 @@ from jaxllm.serve.cache import KVPool, RaggedBatch
 from jaxllm.serve.step import device_step, llama_logits_fn
 from jaxllm.serve.paged_attention import AttentionFn, paged_attention
 from jaxllm.serve.sampling import sampling_rows
-from jaxllm.train.aot import GiB, HBM_BYTES, topology_devices
+from jaxllm.train.aot import HBM_BYTES, format_bytes, topology_devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ServeReport:
         return max(free, 0) // self.kv_bytes_per_token if self.kv_bytes_per_token else 0
 
     def summary(self) -> str:
-        gib = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB // 10 else f"{b / (1 << 20):.2f} MiB"  # noqa: E731
+        gib = format_bytes
         head = f"{self.topology} ({self.chips} x {self.device_kind}), mesh {self.mesh}"
         if self.error:
             return f"{head}\n  DOES NOT FIT: {self.error}"

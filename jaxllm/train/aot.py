@@ -22,6 +22,11 @@ from jaxllm.train.state import TrainState, opt_state_shardings
 from jaxllm.train.step import make_train_step
 
 GiB = 1 << 30
+
+
+def format_bytes(b: int) -> str:
+    """Bytes as GiB, or MiB below a tenth of a GiB (the pre-flight reports' unit)."""
+    return f"{b / GiB:.2f} GiB" if b >= GiB // 10 else f"{b / (1 << 20):.2f} MiB"
 HBM_BYTES = {  # per chip, by jax device_kind
     "TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5e": 16 * GiB, "TPU v5": 95 * GiB, "TPU v5p": 95 * GiB,
     "TPU v6 lite": 32 * GiB, "TPU v6e": 32 * GiB,
@@ -50,7 +55,7 @@ class AotReport:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
     def summary(self) -> str:
-        gib = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB // 10 else f"{b / (1 << 20):.2f} MiB"
+        gib = format_bytes
         head = f"{self.topology} ({self.chips} x {self.device_kind}), mesh {self.mesh}"
         if not self.fits and not self.argument_bytes:
             return f"{head}\n  DOES NOT FIT: {self.error}"
