@@ -33,7 +33,7 @@ from fastapi import responses
 from jaxllm.serve import openai_protocol as protocol
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.outputs import Completion, TokenEvent
-from jaxllm.serve.engine_loop import EngineLoop, Overloaded
+from jaxllm.serve.engine_loop import EngineLoop, Overloaded, RequestTimeout
 from jaxllm.serve.metrics import ServerMetrics
 
 
@@ -178,7 +178,10 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
             if p is None:  # echo with max_tokens 0: nothing to generate
                 out.put_nowait([])
                 continue
-            ids.append(await _submit(state, prompt, p, functools.partial(_deliver, aio, out)))
+            ids.append(await _submit(state, prompt, p, functools.partial(_deliver, aio, out), deadline))
+    except RequestTimeout:
+        _abort(state, ids)
+        raise _timed_out() from None
     except ValueError as err:
         _abort(state, ids)
         raise APIError(400, str(err), getattr(err, "param", None) or protocol.param_of(str(err))) from None
@@ -189,11 +192,11 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
     n = body.n
     if body.stream:
         return responses.StreamingResponse(
-            _stream(request, state, body, prompts, queues, ids, deadline, meta, chat),
+            _stream(request, state, body, prompts, queues, ids, meta, chat),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        results = [await _collect(out, deadline, gone) for out in queues]
+        results = [await _collect(out, gone) for out in queues]
     except _ClientGone:
         _abort(state, ids)
         return responses.Response(status_code=499)  # nobody is listening (nginx's "client closed request")
@@ -211,10 +214,11 @@ async def _serve(request: fastapi.Request, state: _State, body, prompts: list[li
     return {**meta, "choices": choices, "usage": usage}
 
 
-async def _submit(state: _State, prompt: list[int], params, deliver) -> int:
+async def _submit(state: _State, prompt: list[int], params, deliver, deadline: float | None) -> int:
     """Submit off the event loop (submitting waits for the pass in progress). If the handler is
-    cancelled meanwhile (its client left), the request is aborted as soon as it is in."""
-    task = asyncio.ensure_future(asyncio.to_thread(state.loop.submit, prompt, params, deliver))
+    cancelled meanwhile (its client left), the request is aborted as soon as it is in. The engine
+    loop enforces the deadline."""
+    task = asyncio.ensure_future(asyncio.to_thread(state.loop.submit, prompt, params, deliver, deadline=deadline))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -238,33 +242,31 @@ async def _disconnected(request: fastapi.Request) -> None:
         pass
 
 
-async def _collect(out: asyncio.Queue, deadline: float | None, gone: asyncio.Future) -> list[Completion]:
+async def _collect(out: asyncio.Queue, gone: asyncio.Future) -> list[Completion]:
     """The request's completions, skipping its token events."""
     while True:
-        item = await _next(out, deadline, gone)
+        item = await _next(out, gone)
         if isinstance(item, list):
             return item
 
 
-async def _next(out: asyncio.Queue, deadline: float | None, gone: asyncio.Future | None = None):
-    """The next item of a request's queue; 408 past the deadline, _ClientGone when `gone` (the
-    client's disconnect) is done first."""
+async def _next(out: asyncio.Queue, gone: asyncio.Future):
+    """The next item of a request's queue; 408 when the engine loop timed it out, _ClientGone
+    when `gone` (the client's disconnect) is done first."""
     get = asyncio.ensure_future(out.get())
-    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-    done, _ = await asyncio.wait({get} if gone is None else {get, gone}, timeout=wait,
-                                 return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
     if get not in done:
         get.cancel()
-        if gone is not None and gone in done:
-            raise _ClientGone()
-        raise APIError(408, "the request timed out", "timeout", kind="timeout_error")
+        raise _ClientGone()
     item = get.result()
+    if isinstance(item, RequestTimeout):
+        raise _timed_out()
     if isinstance(item, Exception):
         raise APIError(500, f"the request failed: {item}", kind="server_error")
     return item
 
 
-async def _stream(request, state, body, prompts, queues, ids, deadline, meta, chat):
+async def _stream(request, state, body, prompts, queues, ids, meta, chat):
     """Server-sent events: per token a chunk, the last with its finish_reason, `[DONE]` at the end.
     A client that leaves ends the stream (and aborts its requests) at once."""
     n, tokenizer = body.n, state.tokenizer
@@ -277,7 +279,7 @@ async def _stream(request, state, body, prompts, queues, ids, deadline, meta, ch
         for i, out in enumerate(queues):
             while True:
                 try:
-                    item = await _next(out, deadline, gone)
+                    item = await _next(out, gone)
                 except _ClientGone:
                     return
                 except APIError as err:
@@ -300,6 +302,10 @@ async def _stream(request, state, body, prompts, queues, ids, deadline, meta, ch
     finally:
         gone.cancel()
         _abort(state, ids)  # client gone or done: abort whatever is still running (a no-op otherwise)
+
+
+def _timed_out() -> APIError:
+    return APIError(408, "the request timed out", "timeout", kind="timeout_error")
 
 
 def _abort(state: _State, ids: list[int]) -> None:

@@ -5,6 +5,8 @@ loop thread calls it with each `TokenEvent` of the request, then once with the r
 `Completion`s when every sample finished, or with an exception when the request failed. One
 request's failure (a bad sample, a bug in its bookkeeping) fails that request alone; the loop
 goes on. A bounded waiting queue answers `Overloaded` at once instead of queueing without limit.
+A request may carry a deadline: past it the loop aborts the request between passes (and one whose
+deadline passed before it was submitted is never admitted), delivering `RequestTimeout`.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ class Overloaded(RuntimeError):
     """The waiting queue is full; retry later."""
 
 
+class RequestTimeout(TimeoutError):
+    """The request's deadline passed before it finished."""
+
+
 class EngineLoop:
     """Runs `engine` on a daemon thread. `max_waiting`: requests queued (not yet admitted) beyond
     which `submit` raises Overloaded."""
@@ -40,15 +46,20 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, tokens: Sequence[int], params: SamplingParams, deliver: Callable[[object], None]) -> int:
-        """Queue a request; returns its id. Raises ValueError for a bad request, Overloaded when
-        `max_waiting` requests are already waiting."""
+    def submit(self, tokens: Sequence[int], params: SamplingParams, deliver: Callable[[object], None], *,
+               deadline: float | None = None) -> int:
+        """Queue a request; returns its id. `deadline` (a `time.monotonic()` instant) bounds the
+        request's life. Raises ValueError for a bad request, Overloaded when `max_waiting` requests
+        are already waiting, RequestTimeout when the deadline has passed already (submitting waits
+        for the pass in progress)."""
         with self._lock:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RequestTimeout("the request timed out before it was admitted")
             waiting = {seq.request_index for seq in self.engine.scheduler.waiting}
             if len(waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(waiting)} requests are waiting (max_waiting {self.max_waiting})")
             request_id = self.engine.add_request(list(tokens), params)
-            self._requests[request_id] = _Request(deliver, len(tokens), time.perf_counter())
+            self._requests[request_id] = _Request(deliver, len(tokens), time.perf_counter(), deadline)
             self.metrics.prompt_tokens.inc(len(tokens))
             self._snapshot()
         self._wake.set()
@@ -57,11 +68,15 @@ class EngineLoop:
     def abort(self, request_id: int) -> bool:
         """Stop a request now (client gone, timeout); False if it already finished or is unknown."""
         with self._lock:
-            self._requests.pop(request_id, None)
-            aborted = self.engine.abort(request_id)
-            if aborted:
-                self.metrics.aborts.inc()
+            aborted = self._abort(request_id)
             self._snapshot()
+        return aborted
+
+    def _abort(self, request_id: int) -> bool:
+        self._requests.pop(request_id, None)
+        aborted = self.engine.abort(request_id)
+        if aborted:
+            self.metrics.aborts.inc()
         return aborted
 
     @contextlib.contextmanager
@@ -83,6 +98,7 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
+                self._expire(time.monotonic())
                 try:
                     events = self.engine.step() if self.engine.has_unfinished() else None
                 except Exception as err:  # noqa: BLE001 - a failed pass fails its requests, not the loop
@@ -103,6 +119,16 @@ class EngineLoop:
             if events is None:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+
+    def _expire(self, now: float) -> None:
+        """Abort the requests whose deadline has passed; each receives RequestTimeout."""
+        for request_id, request in list(self._requests.items()):
+            if request.deadline is not None and now >= request.deadline:
+                self._abort(request_id)
+                try:
+                    request.deliver(RequestTimeout("the request timed out"))
+                except Exception:  # noqa: BLE001 - the receiver is gone; nothing left to fail
+                    absl_logging.exception("request %d: delivering its timeout failed", request_id)
 
     def _call(self, request_id: int, request: _Request, event, now: float) -> None:
         try:
@@ -151,8 +177,9 @@ class EngineLoop:
 
 
 class _Request:
-    """Loop-side state of one request: its receiver, prompt size, submit time, last token times."""
+    """Loop-side state of one request: its receiver, prompt size, submit time, deadline (monotonic),
+    last token times."""
 
-    def __init__(self, deliver, num_prompt_tokens: int, start: float):
-        self.deliver, self.num_prompt_tokens, self.start = deliver, num_prompt_tokens, start
+    def __init__(self, deliver, num_prompt_tokens: int, start: float, deadline: float | None):
+        self.deliver, self.num_prompt_tokens, self.start, self.deadline = deliver, num_prompt_tokens, start, deadline
         self.last_token: dict[int, float] = {}
