@@ -11,7 +11,8 @@ r"""ReFT (arXiv 2401.08967) from an ml_collections config: SFT warm-up → ReFT 
         splits → workdir/eval.json
 
 The task is the generated arithmetic word problems of `jaxllm.data.tasks.arith` (N-CoT or P-CoT),
-regenerated from the config in every stage. Stages resume from their newest checkpoint.
+regenerated from the config in every stage. Stages resume from their newest checkpoint; a PPO run
+stopped inside a rollout (SIGTERM) resumes exactly, the rollout being saved with the checkpoint.
 """
 import dataclasses
 import json

@@ -11,15 +11,19 @@ optimised for `ppo_epochs` passes over mini-batches with the clipped policy and 
 The PPO loop is one `fit` call: `RolloutBatches` is its batch iterator and produces a new rollout
 whenever the previous one is used up; a hook at every rollout boundary (`log_every` = optimizer
 steps per rollout) hands it the current params and adds the rollout's metrics to the record.
-Checkpoints fall on rollout boundaries, where a resumed run is exact; a SIGTERM checkpoint inside
-a rollout resumes with a fresh rollout from the checkpointed params at the same mini-batch index.
+Checkpoints fall on rollout boundaries; a SIGTERM or `until_step` checkpoint inside a rollout also
+saves the rollout itself (its rows and metrics, in the iterator position), so a resumed run is
+exact either way: it equals the uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import math
 import os
 import pathlib
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -180,7 +184,9 @@ class RolloutBatches(grain.DatasetIterator):
     """`fit`'s batch iterator for PPO: mini-batches of rollouts made on demand by
     `make_rollout(params, index) -> (rows, metrics)` from the params last handed over with
     `set_policy`; each rollout is visited `ppo_epochs` times, in a fresh order each epoch.
-    Position = (rollout index, mini-batch index), saved with the checkpoint."""
+    Position = (rollout index, mini-batch index), saved with the checkpoint; inside a rollout the
+    position also carries the rollout (rows as a checksummed npz, metrics), which a resumed
+    run cannot redraw: the params that sampled it are gone."""
 
     def __init__(self, make_rollout: Callable, params, cfg: ReFTConfig):
         super().__init__()
@@ -207,17 +213,35 @@ class RolloutBatches(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict:
-        return {"rollout": self.index, "position": self.position}
+        state = {"rollout": self.index, "position": self.position}
+        if self.position:
+            buffer = io.BytesIO()
+            np.savez(buffer, **self._rows)
+            raw = buffer.getvalue()
+            state.update(rows=base64.b64encode(raw).decode("ascii"), rows_crc32=zlib.crc32(raw),
+                         metrics=self.metrics)
+        return state
 
     def set_state(self, state) -> None:
-        self.index, self.position, self._rows = int(state["rollout"]), int(state["position"]), None
+        index, position, rows, metrics = int(state["rollout"]), int(state["position"]), None, {}
+        if position:
+            if "rows" not in state:
+                raise ValueError(f"position {position} inside rollout {index} was saved without the rollout")
+            raw = base64.b64decode(state["rows"])
+            if zlib.crc32(raw) != state["rows_crc32"]:
+                raise ValueError(f"the rollout {index} saved with the position is corrupt (crc32 mismatch)")
+            with np.load(io.BytesIO(raw)) as saved:
+                rows = {k: saved[k] for k in saved.files}
+            metrics = state["metrics"]
+        self.index, self.position, self._rows, self.metrics = index, position, rows, metrics
 
 
 def run(cfg: ReFTConfig, model_cfg: LlamaConfig, warmup_params, problems: Sequence[dict], task: ReasoningTask,
         workdir: str | os.PathLike, *, mesh: str = "fsdp:-1", devices=None, hooks=(), checkpoint_every: int = 0,
-        verbose: bool = False) -> FitResult:
+        until_step: int | None = None, verbose: bool = False) -> FitResult:
     """PPO from `warmup_params` (also the frozen reference π_0) on `problems` ({"question",
-    "answer"}), in `workdir` (resumed if it has a checkpoint). Returns `fit`'s result; the policy is
+    "answer"}), in `workdir` (resumed, exactly, if it has a checkpoint; `until_step` stops this
+    call after that optimizer step, as `fit`'s does, and a later call continues). Returns `fit`'s result; the policy is
     `ActorCritic(model_cfg, cfg.shared_value_trunk).policy_params(result.state.params)`, and
     every record carries the rollout metrics (reward_mean, accuracy, kl_ref, response_length,
     truncated) next to the step metrics (loss, policy_loss, value_loss, clip_frac, entropy, ...)."""
@@ -287,7 +311,7 @@ def run(cfg: ReFTConfig, model_cfg: LlamaConfig, warmup_params, problems: Sequen
     optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                             optax.adamw(cfg.learning_rate, eps=1e-8, weight_decay=0.0))
     return fit(ppo_loss_fn(ac, cfg), optimizer, batches, ac.box(params), workdir, loop_cfg,
-               hooks=(policy_hook, *hooks), devices=devices)
+               hooks=(policy_hook, *hooks), devices=devices, until_step=until_step)
 
 
 def policy_params(cfg: ReFTConfig, model_cfg: LlamaConfig, params):

@@ -115,6 +115,54 @@ def test_tiny_reft_run_through_fit_and_evaluation(tmp_path):
     assert set(scores) == {"greedy", "voting@3", "pass@3"} and scores["voting@3"] <= scores["pass@3"]
 
 
+TIMING = ("step_time_s", "tokens_per_s", "mfu")
+
+
+def _untimed(record):
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def test_interrupted_reft_run_resumes_bit_for_bit(tmp_path):
+    cfg = reft.ReFTConfig(rollout_questions=4, minibatch=2, ppo_epochs=2, rl_epochs=1, max_prompt_len=64,
+                          max_total_len=80, learning_rate=3e-3, kl_coef=0.05)
+    warmup = llama.init_params(CFG, jax.random.key(0))
+    problems = arith.make_split(8, seed=0)
+
+    def run(name, until_step=None):
+        return reft.run(cfg, CFG, warmup, problems, TASK, tmp_path / name, devices=jax.devices()[:1],
+                        until_step=until_step)
+
+    full = run("full")
+    rollout_keys = ("reward_mean", "accuracy", "kl_ref", "value_mean", "response_length", "truncated")
+    for stop in (3, 4):  # inside the first rollout (of 4 optimizer steps), and at its end
+        first = run(f"stop{stop}", until_step=stop)
+        assert sorted(first.losses) == list(range(1, stop + 1))
+        rest = run(f"stop{stop}")  # resumes from the checkpoint at `stop`
+        assert sorted(rest.losses) == list(range(stop + 1, 9))
+        assert {**first.losses, **rest.losses} == full.losses
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(rest.state.params),
+                     jax.device_get(full.state.params))
+        assert _untimed(rest.history[-1]) == _untimed(full.history[-1])  # step 8: steps 5-8 and rollout 2
+        if stop == 4:
+            assert [_untimed(r) for r in first.history + rest.history] == [_untimed(r) for r in full.history]
+        else:  # the resumed call's step-4 record averages step 4 alone, but reports the same rollout
+            assert [rest.history[0][k] for k in rollout_keys] == [full.history[0][k] for k in rollout_keys]
+
+
+def test_a_corrupt_saved_rollout_is_refused():
+    cfg = reft.ReFTConfig(rollout_questions=2, minibatch=1, ppo_epochs=1)
+    it = reft.RolloutBatches(lambda params, index: ({"row": np.arange(2.0)}, {"reward_mean": 0.5}), None, cfg)
+    next(it)
+    state = it.get_state()
+    resumed = reft.RolloutBatches(None, None, cfg)
+    resumed.set_state(state)
+    assert resumed.metrics == {"reward_mean": 0.5} and next(resumed)["row"] == next(it)["row"]
+    with pytest.raises(ValueError, match="rollout 0 saved with the position is corrupt"):
+        resumed.set_state({**state, "rows_crc32": state["rows_crc32"] ^ 1})
+    with pytest.raises(ValueError, match="saved without the rollout"):
+        resumed.set_state({"rollout": 0, "position": 1})
+
+
 def test_gold_answers_are_checked_up_front(tmp_path):
     problems = [{"question": "ann has 3 loose. how many?", "cot": "x", "answer": "three"}] * 4
     with pytest.raises(ValueError, match="gold answer 'three'"):
