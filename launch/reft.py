@@ -6,7 +6,9 @@ r"""ReFT (arXiv 2401.08967) from an ml_collections config: SFT warm-up → ReFT 
         the warm-up (epoch `sft.warmup_epochs`) and SFT-best (best validation greedy accuracy)
         model directories workdir/warmup and workdir/sft_best
   reft  PPO from workdir/warmup with the warm-up as the frozen reference (workdir/reft:
-        checkpoints, metrics.jsonl with the rollout metrics); writes workdir/reft_policy
+        checkpoints, metrics.jsonl with the rollout metrics); writes the model directories
+        workdir/reft_policy (the policy) and workdir/reft_value (the model carrying the value
+        head: the policy with its head on a shared trunk, else the critic; config value_head=true)
   eval  greedy, voting@k and pass@k accuracy of every model present on the validation and test
         splits → workdir/eval.json
 
@@ -57,8 +59,10 @@ def run_stage(stage: str, c, workdir: pathlib.Path) -> None:
         _, warmup = model_dir.load_model(workdir / "warmup")
         result = reft.run(reft_cfg, model_cfg, warmup, splits["train"], task, workdir / "reft", mesh=c.mesh,
                           verbose=True)
-        policy = reft.policy_params(reft_cfg, model_cfg, jax.device_get(result.state.params))
+        params = jax.device_get(result.state.params)
+        policy = reft.policy_params(reft_cfg, model_cfg, params)
         model_dir.save_model(workdir / "reft_policy", dataclasses.replace(model_cfg, value_head=False), policy)
+        model_dir.save_model(workdir / "reft_value", *reft.actor_critic(reft_cfg, model_cfg).value_model(params))
     else:
         engine = reft_sft.make_engine(model_cfg, None, max_len=reft_cfg.max_total_len)
         scores = {}

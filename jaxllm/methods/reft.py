@@ -35,7 +35,7 @@ import optax
 
 from jaxllm.methods import rollout
 from jaxllm.model.llama import Llama, LlamaConfig
-from jaxllm.model.value_head import ActorCritic
+from jaxllm.model.value_head import VALUE_KEYS, ActorCritic
 from jaxllm.objectives import ppo
 from jaxllm.serve.engine import Engine
 from jaxllm.train import checkpoint, hooks as hooks_lib
@@ -241,9 +241,10 @@ def run(cfg: ReFTConfig, model_cfg: LlamaConfig, warmup_params, problems: Sequen
         until_step: int | None = None, verbose: bool = False) -> FitResult:
     """PPO from `warmup_params` (also the frozen reference π_0) on `problems` ({"question",
     "answer"}), in `workdir` (resumed, exactly, if it has a checkpoint; `until_step` stops this
-    call after that optimizer step, as `fit`'s does, and a later call continues). Returns `fit`'s result; the policy is
-    `ActorCritic(model_cfg, cfg.shared_value_trunk).policy_params(result.state.params)`, and
-    every record carries the rollout metrics (reward_mean, accuracy, kl_ref, response_length,
+    call after that optimizer step, as `fit`'s does, and a later call continues). Returns `fit`'s
+    result: `result.state.params` are `actor_critic(cfg, model_cfg)`'s, the policy is
+    `policy_params(cfg, model_cfg, ...)` of them and the value-head model to save
+    `actor_critic(cfg, model_cfg).value_model(...)`; every record carries the rollout metrics (reward_mean, accuracy, kl_ref, response_length,
     truncated) next to the step metrics (loss, policy_loss, value_loss, clip_frac, entropy, ...)."""
     golds = [task.parse_gold(p["answer"]) for p in problems]
     if len(problems) < cfg.rollout_questions:
@@ -254,8 +255,8 @@ def run(cfg: ReFTConfig, model_cfg: LlamaConfig, warmup_params, problems: Sequen
         raise ValueError(f"problems {too_long[:5]} have prompts longer than max_prompt_len={cfg.max_prompt_len}")
     if cfg.max_total_len > model_cfg.max_len:
         raise ValueError(f"max_total_len={cfg.max_total_len} exceeds the model's max_len {model_cfg.max_len}")
-    plain_cfg = dataclasses.replace(model_cfg, value_head=False)
-    ac = ActorCritic(plain_cfg, shared_trunk=cfg.shared_value_trunk)
+    ac = actor_critic(cfg, model_cfg)
+    plain_cfg = ac.cfg
     ref_params = jax.device_get(warmup_params)
     params = ac.init(ref_params, jax.random.key(cfg.seed))
     engine = Engine(ac.policy_cfg, ac.policy_params(params), token_budget=256, block_size=16,
@@ -314,8 +315,12 @@ def run(cfg: ReFTConfig, model_cfg: LlamaConfig, warmup_params, problems: Sequen
                hooks=(policy_hook, *hooks), devices=devices, until_step=until_step)
 
 
+def actor_critic(cfg: ReFTConfig, model_cfg: LlamaConfig) -> ActorCritic:
+    """The policy/value model `run` trains (its params: `result.state.params`)."""
+    return ActorCritic(dataclasses.replace(model_cfg, value_head=False), shared_trunk=cfg.shared_value_trunk)
+
+
 def policy_params(cfg: ReFTConfig, model_cfg: LlamaConfig, params):
     """The policy (no value head) out of `run`'s trained actor-critic params."""
-    ac = ActorCritic(dataclasses.replace(model_cfg, value_head=False), shared_trunk=cfg.shared_value_trunk)
-    p = ac.policy_params(params)
-    return {k: v for k, v in p.items() if k not in ("value_head", "value_bias")}
+    p = actor_critic(cfg, model_cfg).policy_params(params)
+    return {k: v for k, v in p.items() if k not in VALUE_KEYS}

@@ -247,6 +247,10 @@ class Llama(nn.Module):
         if cache is not None:
             return logits_BTV, cache.advance(new_kv, T)
         if cfg.value_head:
+            if not self.is_initializing() and not self.has_variable("params", "value_head"):
+                raise ValueError("LlamaConfig.value_head=True but the params have no value head ('value_head', "
+                                 "'value_bias'; a checkpoint saved without one): add a freshly initialised one with "
+                                 "jaxllm.model.value_head.add_value_head(cfg, params, rng)")
             w_D = _param(self, "value_head", (cfg.d_model,), ("embed",), cfg.d_model ** -0.5, cfg)
             bias = self.param("value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
                               cfg.storage_dtype)

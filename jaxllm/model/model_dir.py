@@ -154,7 +154,9 @@ def load_model(source: str | os.PathLike) -> tuple[llama.LlamaConfig, Any]:
     """(LlamaConfig, params) of a model directory, a `launch.train` workdir or an HF folder.
 
     FileNotFoundError names a source that does not exist or is none of the three, or a jaxllm
-    config without params; ValueError names a config or params that cannot be read."""
+    config without params; ValueError names a config or params that cannot be read, or a config
+    asking for a value head (`LlamaConfig.value_head`) that the params lack. A value head is
+    saved and restored with the rest of the params."""
     path = _folder(source)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
@@ -167,12 +169,27 @@ def load_model(source: str | os.PathLike) -> tuple[llama.LlamaConfig, Any]:
     if JAXLLM_KEY not in config:
         return hf.load(str(path))
     cfg = _jaxllm_config(config, config_path)
-    if (path / PARAMS_DIR).is_dir():
-        return cfg, _restore_params(path / PARAMS_DIR, cfg)
-    if (path / CHECKPOINTS_DIR).is_dir():
-        return cfg, checkpoint.restore_params(path / CHECKPOINTS_DIR, _abstract_params(cfg))
-    raise FileNotFoundError(f"{config_path} describes a jaxllm model but {path} has neither {PARAMS_DIR}/ "
-                            f"nor {CHECKPOINTS_DIR}/ with its params")
+    if not ((path / PARAMS_DIR).is_dir() or (path / CHECKPOINTS_DIR).is_dir()):
+        raise FileNotFoundError(f"{config_path} describes a jaxllm model but {path} has neither {PARAMS_DIR}/ "
+                                f"nor {CHECKPOINTS_DIR}/ with its params")
+
+    def restore(c: llama.LlamaConfig):
+        if (path / PARAMS_DIR).is_dir():
+            return _restore_params(path / PARAMS_DIR, c)
+        return checkpoint.restore_params(path / CHECKPOINTS_DIR, _abstract_params(c))
+
+    try:
+        return cfg, restore(cfg)
+    except Exception as err:  # orbax raises many types for params that do not match the config
+        if not cfg.value_head:
+            raise
+        try:
+            restore(dataclasses.replace(cfg, value_head=False))
+        except Exception:
+            raise err from None
+        raise ValueError(f"{config_path} asks for a value head (value_head: true) but the params in {path} have "
+                         "none (saved without one): load the model without it and add a freshly initialised "
+                         "head with jaxllm.model.value_head.add_value_head(cfg, params, rng)") from err
 
 
 def load_config(source: str | os.PathLike) -> llama.LlamaConfig:

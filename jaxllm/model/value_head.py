@@ -17,23 +17,11 @@ from jaxllm.model.llama import Llama, LlamaConfig, box_params, init_params
 VALUE_KEYS = ("value_head", "value_bias")
 
 
-def has_value_head(params) -> bool:
-    return all(k in params for k in VALUE_KEYS)
-
-
 def add_value_head(cfg: LlamaConfig, params, rng):
     """`params` plus a freshly initialised value head (as `Llama` initialises it)."""
     vcfg = dataclasses.replace(cfg, value_head=True)
     fresh = jax.jit(lambda r: {k: init_params(vcfg, r)[k] for k in VALUE_KEYS})(rng)
     return {**params, **fresh}
-
-
-def require_value_head(cfg: LlamaConfig, params) -> None:
-    """ValueError if `cfg` asks for a value head that `params` (e.g. a loaded checkpoint) lacks."""
-    if cfg.value_head and not has_value_head(params):
-        raise ValueError("LlamaConfig.value_head=True but the params have no value head (keys "
-                         f"{list(VALUE_KEYS)} missing; the checkpoint was saved without one): add a freshly "
-                         "initialised one with jaxllm.model.value_head.add_value_head(cfg, params, rng)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +47,16 @@ class ActorCritic:
     def policy_params(self, params):
         return params if self.shared_trunk else params["policy"]
 
+    def value_model(self, params) -> tuple[LlamaConfig, dict]:
+        """The model that carries the value head, as `jaxllm.model.save_model` writes it (its config
+        has `value_head=True`): the policy with its head on a shared trunk, else the critic."""
+        return dataclasses.replace(self.cfg, value_head=True), params if self.shared_trunk else params["critic"]
+
     def apply(self, params, tokens_BT, positions_BT=None, segment_ids_BT=None):
         """(logits_BTV, values_BT) of a full causal forward."""
         vcfg = dataclasses.replace(self.cfg, value_head=True)
         if self.shared_trunk:
-            require_value_head(vcfg, params)
             return Llama(vcfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
-        require_value_head(vcfg, params["critic"])
         logits_BTV = Llama(self.policy_cfg).apply({"params": params["policy"]}, tokens_BT, positions_BT,
                                                   segment_ids_BT)
         _, values_BT = Llama(vcfg).apply({"params": params["critic"]}, tokens_BT, positions_BT, segment_ids_BT)

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from jaxllm.model import model_dir
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -26,5 +28,7 @@ def test_launch_reft_all_stages(tmp_path):
     for split in scores.values():
         for s in split.values():
             assert 0.0 <= s["voting@2"] <= s["pass@2"] <= 1.0
+    assert model_dir.load_config(tmp_path / "reft_value").value_head
+    assert not model_dir.load_config(tmp_path / "reft_policy").value_head
     records = [json.loads(line) for line in (tmp_path / "reft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and all(r["engine_logp_gap"] < 1e-4 for r in records)

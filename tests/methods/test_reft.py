@@ -7,7 +7,7 @@ import pytest
 
 from jaxllm.data.tasks import arith
 from jaxllm.methods import reft, reft_sft
-from jaxllm.model import llama, presets
+from jaxllm.model import llama, model_dir, presets
 from jaxllm.model.value_head import ActorCritic
 from jaxllm.objectives import ppo
 
@@ -107,9 +107,22 @@ def test_tiny_reft_run_through_fit_and_evaluation(tmp_path):
             assert np.isfinite(record[key]), key
         assert record["engine_logp_gap"] < 1e-4
         assert 0 <= record["accuracy"] <= record["reward_mean"] + 1e-6 <= 1.0 + 1e-6
-    policy = reft.policy_params(cfg, CFG, jax.device_get(result.state.params))
+    params = jax.device_get(result.state.params)
+    policy = reft.policy_params(cfg, CFG, params)
     assert set(policy) == set(warmup)
     assert not np.allclose(policy["lm_head"], warmup["lm_head"])  # training moved the policy
+    # The trained policy + value head as a model directory: reloaded, it gives the same values.
+    ac = reft.actor_critic(cfg, CFG)
+    model_dir.save_model(tmp_path / "value", *ac.value_model(params))
+    value_cfg, loaded = model_dir.load_model(tmp_path / "value")
+    assert value_cfg.value_head and float(loaded["value_bias"]) != 0.0  # the trained head, not a fresh one
+    tokens = jnp.asarray(reft.rollout.pack([TASK.encode_prompt(p["question"]) for p in problems[:2]],
+                                           [TOK.encode(p["cot"], eos=True) for p in problems[:2]], prompt_len=64,
+                                           response_len=48, pad_id=TOK.pad_id)["tokens"])
+    logits, values = llama.forward(value_cfg, loaded, tokens)
+    trained_logits, trained_values = ac.apply(params, tokens)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(trained_values))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(llama.forward(CFG, policy, tokens)))
     engine = reft_sft.make_engine(CFG, policy, max_len=112, max_seqs=8)
     scores = reft_sft.evaluate(engine, policy, problems[:4], TASK, max_tokens=48, k=3)
     assert set(scores) == {"greedy", "voting@3", "pass@3"} and scores["voting@3"] <= scores["pass@3"]

@@ -1,13 +1,14 @@
 """Value head: off ⇒ the plain model; on ⇒ a linear map of the final normed hidden state; the
 separate-critic option keeps value gradients off the policy trunk."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.model import llama, presets, value_head
+from jaxllm.model import llama, model_dir, presets, value_head
 from jaxllm.objectives import ppo
 
 CFG = presets.get("tiny", vocab_size=61, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
@@ -42,13 +43,44 @@ def test_engine_path_with_a_cache_still_returns_logits_only():
     np.testing.assert_allclose(np.asarray(logits), np.asarray(llama.forward(VCFG, params, TOKENS)[0]), atol=2e-5)
 
 
-def test_value_head_requested_on_a_checkpoint_without_one_says_how_to_add_it():
+def test_value_head_requested_on_a_checkpoint_without_one_says_how_to_add_it(tmp_path):
     plain = llama.init_params(CFG, jax.random.key(0))
-    with pytest.raises(ValueError, match="add_value_head"):
-        value_head.require_value_head(VCFG, plain)
+    with pytest.raises(ValueError, match=r"value_head=True but the params have no value head.*add_value_head"):
+        llama.forward(VCFG, plain, TOKENS)
     with pytest.raises(ValueError, match="no value head"):
         value_head.ActorCritic(CFG).apply(plain, TOKENS)
-    value_head.require_value_head(VCFG, value_head.add_value_head(CFG, plain, jax.random.key(3)))
+    with pytest.raises(ValueError, match="no value head"):
+        value_head.ActorCritic(CFG, shared_trunk=False).apply({"policy": plain, "critic": plain}, TOKENS)
+    # A model directory saved without a head, whose config is edited to ask for one.
+    model_dir.save_model(tmp_path / "plain", CFG, plain)
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    config["jaxllm"]["config"]["value_head"] = True
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"asks for a value head .* have none .*add_value_head"):
+        model_dir.load_model(tmp_path / "plain")
+    fixed = value_head.add_value_head(CFG, plain, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(llama.forward(VCFG, fixed, TOKENS)[0]),
+                                  np.asarray(llama.forward(CFG, plain, TOKENS)))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_actor_critic_value_model_round_trips_through_a_model_directory(tmp_path, shared):
+    ac = value_head.ActorCritic(CFG, shared_trunk=shared)
+    params = ac.init(llama.init_params(CFG, jax.random.key(0)), jax.random.key(1))
+    # A trained head: nonzero bias, weights unlike a fresh init.
+    head = params if shared else params["critic"]
+    head.update(value_head=head["value_head"] * 3.0, value_bias=jnp.asarray(0.7, head["value_bias"].dtype))
+    cfg, model = ac.value_model(params)
+    model_dir.save_model(tmp_path / "value", cfg, model)
+    assert json.loads((tmp_path / "value" / "config.json").read_text())["jaxllm"]["config"]["value_head"] is True
+    loaded_cfg, loaded = model_dir.load_model(tmp_path / "value")
+    assert loaded_cfg == cfg and loaded_cfg.value_head
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(model))
+    policy_logits, values = ac.apply(params, TOKENS)
+    logits, loaded_values = llama.forward(loaded_cfg, loaded, TOKENS)
+    np.testing.assert_array_equal(np.asarray(loaded_values), np.asarray(values))
+    if shared:  # the saved model is the policy too
+        np.testing.assert_array_equal(np.asarray(logits), np.asarray(policy_logits))
 
 
 @pytest.mark.parametrize("shared", [True, False])
