@@ -185,6 +185,28 @@ def test_gold_answers_are_checked_up_front(tmp_path):
         reft_sft.sft_rows(problems, TASK, length=112)
 
 
+def test_run_and_sft_reject_inputs_that_do_not_fit(tmp_path):
+    problems = arith.make_split(8, seed=0)
+    warmup = llama.init_params(CFG, jax.random.key(0))
+    cfg = reft.ReFTConfig(rollout_questions=4, minibatch=4, max_prompt_len=64, max_total_len=112)
+    with pytest.raises(ValueError, match="3 problems, fewer than rollout_questions=4"):
+        reft.run(cfg, CFG, warmup, problems[:3], TASK, tmp_path)
+    with pytest.raises(ValueError, match=r"problems \[5, 7\] have prompts longer than max_prompt_len=52"):
+        reft.run(reft.ReFTConfig(rollout_questions=4, minibatch=4, max_prompt_len=52, max_total_len=100), CFG,
+                 warmup, problems, TASK, tmp_path)
+    with pytest.raises(ValueError, match="max_total_len=200 exceeds the model's max_len 128"):
+        reft.run(reft.ReFTConfig(rollout_questions=4, minibatch=4, max_prompt_len=64, max_total_len=200), CFG,
+                 warmup, problems, TASK, tmp_path)
+    with pytest.raises(ValueError, match=r"warmup_epochs must be in \[1, epochs=2\], got 3"):
+        reft_sft.sft(CFG, None, problems, problems, TASK, tmp_path, epochs=2, batch_size=4, warmup_epochs=3,
+                     length=112, max_tokens=48)
+    with pytest.raises(ValueError, match="batch_size 16 exceeds the 8 training problems"):
+        reft_sft.sft(CFG, None, problems, problems, TASK, tmp_path, epochs=2, batch_size=16, length=112,
+                     max_tokens=48)
+    with pytest.raises(ValueError, match="problem 0: .* tokens exceed length 60"):
+        reft_sft.sft_rows(problems, TASK, length=60)
+
+
 def test_sft_stage_keeps_the_warmup_epoch_and_the_best_validation_epoch(tmp_path):
     problems = arith.make_split(24, seed=0)
     result = reft_sft.sft(CFG, None, problems[:16], problems[16:], TASK, tmp_path, epochs=3, batch_size=8,

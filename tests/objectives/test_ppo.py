@@ -169,3 +169,15 @@ def test_bad_inputs_raise_clear_errors():
         ppo.policy_loss(ones, ones, ones, ones, reduction="mean")
     with pytest.raises(ValueError, match=r"score_B has shape \(3,\)"):
         ppo.kl_penalized_rewards(jnp.ones(3), ones, ones, ones, kl_coef=0.1)
+    with pytest.raises(ValueError, match=r"one shape, got .*'returns_BT': \(2, 4\)"):
+        ppo.value_loss(ones, ones, jnp.ones((2, 4)), ones)
+    with pytest.raises(ValueError, match=r"one shape, got .*'mask_BT': \(3,\)"):
+        ppo.masked_whiten(ones, jnp.ones(3))
+    with pytest.raises(ValueError, match=r"one shape, got .*'ref_logp_BT': \(2, 2\)"):
+        ppo.kl_penalized_rewards(jnp.ones(2), ones, jnp.ones((2, 2)), ones, kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_coef must be >= 0, got -0.1"):
+        ppo.kl_penalized_rewards(jnp.ones(2), ones, ones, ones, kl_coef=-0.1)
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\], got -0.5"):
+        ppo.gae(ones, ones, ones, gamma=-0.5)
+    with pytest.raises(ValueError, match=r"lam must be in \[0, 1\], got 1.01"):
+        ppo.gae(ones, ones, ones, lam=1.01)
