@@ -244,8 +244,9 @@ def run(cfg: ReFTConfig, model_cfg: LlamaConfig, warmup_params, problems: Sequen
     call after that optimizer step, as `fit`'s does, and a later call continues). Returns `fit`'s
     result: `result.state.params` are `actor_critic(cfg, model_cfg)`'s, the policy is
     `policy_params(cfg, model_cfg, ...)` of them and the value-head model to save
-    `actor_critic(cfg, model_cfg).value_model(...)`; every record carries the rollout metrics (reward_mean, accuracy, kl_ref, response_length,
-    truncated) next to the step metrics (loss, policy_loss, value_loss, clip_frac, entropy, ...)."""
+    `actor_critic(cfg, model_cfg).value_model(...)`; every record carries the rollout metrics
+    (reward_mean, accuracy, kl_ref, response_length, truncated) next to the step metrics (loss,
+    policy_loss, value_loss, clip_frac, entropy, ...)."""
     golds = [task.parse_gold(p["answer"]) for p in problems]
     if len(problems) < cfg.rollout_questions:
         raise ValueError(f"{len(problems)} problems, fewer than rollout_questions={cfg.rollout_questions}")
