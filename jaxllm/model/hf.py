@@ -238,7 +238,12 @@ def load(path: str, shardings=None, dtype=None, **config_overrides):
 def save(path: str, cfg: LlamaConfig, params, max_shard_bytes: int = 4 << 30, tokenizer=None) -> None:
     """Write config.json and safetensors (split into several files with an index past
     `max_shard_bytes`) that transformers loads as LlamaForCausalLM, and the tokenizer (any object
-    with `save(directory)`, e.g. `jaxllm.data.tokenizer.Tokenizer`) when given."""
+    with `save(directory)`, e.g. `jaxllm.data.tokenizer.Tokenizer`) when given. A model with a
+    value head is refused: LlamaForCausalLM has no place for it, and dropping it would be silent."""
+    if cfg.value_head:
+        raise ValueError("this model carries a value head, which an HF LlamaForCausalLM folder cannot hold; "
+                         "export the policy without it (e.g. a ReFT run's reft_policy, not reft_value) or keep "
+                         "the jaxllm model directory")
     os.makedirs(path, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save(path)

@@ -1,4 +1,5 @@
 """Logit parity with HF transformers' LlamaForCausalLM (torch, float32) on random weights."""
+import dataclasses
 import json
 
 import numpy as np
@@ -7,9 +8,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="the test extra (torch==2.13.0) is not installed")
 transformers = pytest.importorskip("transformers", reason="the test extra (transformers) is not installed")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxllm.model import hf, llama  # noqa: E402
+from jaxllm.model import hf, llama, value_head  # noqa: E402
 
 REL_TOL = 1e-4
 
@@ -118,3 +120,13 @@ def test_load_errors_name_the_problem(tmp_path):
         hf.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="config.json"):
         hf.load(str(tmp_path / "nowhere"))
+
+
+def test_export_refuses_a_value_head_instead_of_dropping_it(tmp_path):
+    make_hf(tmp_path / "src")
+    cfg, params = hf.load(str(tmp_path / "src"))
+    cfg_v = dataclasses.replace(cfg, value_head=True)
+    params_v = value_head.add_value_head(cfg, params, jax.random.key(0))
+    with pytest.raises(ValueError, match="value head.*reft_policy"):
+        hf.save(str(tmp_path / "dst"), cfg_v, params_v)
+    assert not (tmp_path / "dst").exists()
