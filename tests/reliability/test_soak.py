@@ -8,7 +8,7 @@ import pytest
 from benchmarks import soak
 
 
-@pytest.mark.slow  # ~2 min on 2 busy cores: compiling the server's buckets and the references dominates
+@pytest.mark.slow  # 1-2 min on 2 busy cores: compiling the server's buckets and the references dominates
 def test_short_soak_serves_every_request_right_and_leaks_nothing():
     stats = soak.soak(requests=100, duration=0, clients=4, hostile_frac=0.2, seed=1, warmup=4)
     assert stats["failed"] == 0, stats["failures"]
