@@ -329,11 +329,11 @@ def soak(*, requests: int = 2000, duration: float = 300.0, clients: int = 8, hos
         "latency_s_plain": percentiles([g["latency"] for r, g in ok if not r["stream"]]),
         "ttft_s_stream": percentiles([g["ttft"] for r, g in ok if r["stream"] and g["ttft"] is not None]),
         "health_polls": monitor.polls, "unhealthy_polls": len(monitor.unhealthy), "loop_alive": alive,
-        "rss_mib": {"after_warmup": round(rss_start, 1), "end": round(rss_end, 1), "peak": round(max(rss + [rss_end]), 1),
-                    "growth": round(rss_end - rss_start, 1),
+        "rss_mib": {"after_warmup": round(rss_start, 1), "end": round(rss_end, 1),
+                    "peak": round(max(rss + [rss_end]), 1), "growth": round(rss_end - rss_start, 1),
                     "growth_second_half": round(rss_end - rss[len(rss) // 2], 1) if rss else None},
-        "server_metrics": {k.removeprefix("jaxllm:"): v for k, v in settled.items()
-                           if not k.startswith(("python_", "process_")) and not k.endswith("_created") and "_bucket" not in k},
+        "server_metrics": {k.removeprefix("jaxllm:"): v for k, v in settled.items() if k.startswith("jaxllm:")
+                           and not k.endswith("_created") and "_bucket" not in k},
         "held_blocks": held_blocks,
     }
 

@@ -119,7 +119,7 @@ def test_restore_checks_the_server_falls_back_past_a_corrupt_checkpoint_and_star
     ckpt.wait()
     buffer = _delayed_nesterov(first[1]).buffer
     assert np.all(buffer["w1"] == np.float32(0.1))  # delayed Nesterov's open window sum is part of the checkpoint
-    with pytest.raises(ValueError, match="step 2: ValueError: the checkpoint is of a AsyncServer, the server a SyncServer"):
+    with pytest.raises(ValueError, match="step 2: ValueError: the checkpoint is of a AsyncServer, the server a Sync"):
         restore_server(SyncServer(_cfg(mode="sync", outer="nesterov"), mlp_params()), ckpt)
     with pytest.raises(ValueError, match=r"config differs from the server's: outer_lr=0.7 \(server: 0.5\)"):
         restore_server(AsyncServer(_cfg(grace_period=0.0, outer_lr=0.5), mlp_params()), ckpt)
