@@ -11,6 +11,9 @@ in real arrival order (times are wall-clock seconds), "replay" follows the simul
 gives the simulator's result. `ray.address` "" starts a local Ray (or joins RAY_ADDRESS); on a
 cluster give its address, with the project installed on every node. Lost worker actors are
 replaced (`ray.replace_lost_workers`) or retired; see `jaxllm.methods.local_sgd.ray_runtime`.
+With `ray.checkpoint_every` N > 0 the parameter server checkpoints every N outer updates into
+`WORKDIR/server_checkpoints` (params, outer optimizer state, history, schedule position), and the
+same command run again continues from the newest one.
 
 Writes `WORKDIR/result.json`: the config, the eval history, every arrival, and the final test
 loss and perplexity.
@@ -34,7 +37,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 BACKENDS = ("simulator", "ray")
 
 
-def _train(c, lsgd: LocalSGDConfig, lm: lm_task.CorpusLM):
+def _train(c, lsgd: LocalSGDConfig, lm: lm_task.CorpusLM, workdir: str):
     eval_every = c.eval_every_sync if lsgd.mode == "sync" else c.eval_every_async
     if c.backend == "simulator":
         return run(lsgd, lm.params, lm.task, lm.eval_fn, eval_every=eval_every)
@@ -46,7 +49,9 @@ def _train(c, lsgd: LocalSGDConfig, lm: lm_task.CorpusLM):
     return run_ray(lsgd, lm.params, lm.task, lm.eval_fn, eval_every=eval_every, schedule=c.ray.schedule,
                    worker_options={"num_cpus": c.ray.worker_cpus}, server_options={"num_cpus": c.ray.server_cpus},
                    replace_lost_workers=c.ray.replace_lost_workers, emulate_speed=c.ray.emulate_speed,
-                   timeout=c.ray.timeout_s or None)
+                   timeout=c.ray.timeout_s or None, checkpoint_every=max(1, c.ray.checkpoint_every),
+                   checkpoint_dir=os.path.join(os.path.abspath(workdir), "server_checkpoints")
+                   if c.ray.checkpoint_every > 0 else None)
 
 
 def main(argv):
@@ -58,7 +63,7 @@ def main(argv):
     lm_cfg = lm_task.CorpusLMConfig.from_dict(c.model.to_dict(), c.lm.to_dict())
     started = time.time()
     lm = lm_task.build(lm_cfg, lm_task.corpus_splits(lm_cfg), lsgd, c.seed)
-    params, history = _train(c, lsgd, lm)
+    params, history = _train(c, lsgd, lm, _WORKDIR.value)
     test_loss = lm.test_fn(params)
     result = {"config": c.to_dict(), "history": history.to_dict(), "pretrain_loss": lm.pretrain_loss,
               "test_loss": test_loss, "test_perplexity": math.exp(test_loss), "wall_seconds": time.time() - started}

@@ -80,7 +80,8 @@ def get_config(arm: str = "") -> ml_collections.ConfigDict:
         c.seed = 0
         c.backend = "simulator"  # or "ray"
         c.ray = {"address": "", "schedule": "live", "worker_cpus": 1.0, "server_cpus": 1.0, "emulate_speed": 0.0,
-                 "replace_lost_workers": True, "timeout_s": 3600.0}
+                 "replace_lost_workers": True, "timeout_s": 3600.0,
+                 "checkpoint_every": 0}  # > 0: the server checkpoints every N outer updates into WORKDIR
         return c
     c.arms = ARMS
     c.seeds = (0, 1, 2)

@@ -114,13 +114,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, state: TrainState, iterator: grain.DatasetIterator) -> bool:
+    def save(self, state: TrainState, iterator: grain.DatasetIterator, *, layout: dict | None = None) -> bool:
         """Starts writing a checkpoint of `state` and the current position of `iterator` at
-        `state.step` (returns once the arrays are on the host); False if that step exists."""
+        `state.step` (returns once the arrays are on the host); False if that step exists.
+        `iterator`: a grain iterator, or any object with `get_state() -> JSON-able` and
+        `set_state(bytes)` / `start_prefetch()` for restore. `layout`: JSON describing the
+        state's tree when it varies between checkpoints, handed back to `restore`."""
         step = int(state.step)
         if step in self._manager.all_steps():
             return False
-        meta = {"step": step, "fingerprint": fingerprint(state)}
+        meta = {"step": step, "fingerprint": fingerprint(state), **({"layout": layout} if layout is not None else {})}
         with self._write_errors(step):  # orbax first waits for the previous write, raising its error
             started = self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_PositionSnapshot(iterator)),
@@ -160,7 +163,12 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: TrainState, iterator: grain.DatasetIterator) -> TrainState:
         """The state of checkpoint `step`, verified against its fingerprint, with `iterator`
-        moved to the saved position; raises if it cannot be read or does not verify."""
+        moved to the saved position; raises if it cannot be read or does not verify.
+        `abstract_state` may be a function of the `layout` given to `save` (None if none was)
+        returning the abstract state, for states whose tree varies between checkpoints."""
+        if callable(abstract_state):
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            abstract_state = abstract_state(meta.get("layout"))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator),
             meta=ocp.args.JsonRestore()))

@@ -6,6 +6,7 @@ One local Ray instance (2 CPUs, fractional actors) is shared by the module; ever
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -101,3 +102,29 @@ def test_a_killed_worker_is_replaced_and_trains_again(ray_local):
     cfg = _cfg(num_workers=2, seconds_per_step=(1.0, 0.1), total_local_steps=40, grace_period=0.0)
     history, killed_job = _kill_mid_job(ray_local, cfg, True, 1.0)
     assert 1 in {a.worker for a in history.arrivals if a.job_id > killed_job}
+
+
+@pytest.mark.slow
+def test_a_restarted_server_keeps_its_outer_state_and_the_run_finishes(ray_local, tmp_path):
+    """The server actor checkpoints after every update; killed mid-run and restarted from the
+    checkpoint, it continues with the same version, delayed-Nesterov state (its arrival count equals
+    the version: a fresh state would count 0) and history, and the workers finish the budget."""
+    cfg = _cfg(total_local_steps=90, grace_period=0.0)
+    runtime = RayRuntime(cfg, mlp_params(), mlp_task(3), EVAL, worker_options=ACTOR, server_options=ACTOR,
+                         emulate_speed=0.3, checkpoint_dir=str(tmp_path)).start()
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while runtime.status()["version"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        version = runtime.restart_server()
+        assert 1 <= version <= runtime.status()["version"]
+        state = runtime.ray.get(runtime.server.outer_state.remote())
+        counts = [int(x) for x in jax.tree.leaves(state) if np.ndim(x) == 0]
+        assert counts == [version]
+        _, history = runtime.join(TIMEOUT_S)
+    finally:
+        runtime.shutdown()
+    assert history.local_steps[-1] == cfg.total_local_steps and len(history.arrivals) > version
+    assert [a.version_after for a in history.arrivals] == list(range(1, len(history.arrivals) + 1))
+    assert history.version[0] == 0 and history.version[-1] == len(history.arrivals)

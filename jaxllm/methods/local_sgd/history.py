@@ -61,3 +61,9 @@ class History:
         return {**{k: list(getattr(self, k)) for k in ("version", "time", "local_steps", "eval_loss")},
                 "arrivals": [dataclasses.asdict(a) for a in self.arrivals],
                 "rejections": [dataclasses.asdict(r) for r in self.rejections]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        """Inverse of `to_dict`."""
+        return cls(**{k: list(d[k]) for k in ("version", "time", "local_steps", "eval_loss")},
+                   arrivals=[Arrival(**a) for a in d["arrivals"]], rejections=[Rejection(**r) for r in d["rejections"]])

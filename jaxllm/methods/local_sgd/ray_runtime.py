@@ -29,8 +29,13 @@ False the index is retired and the others finish the budget (a replayed schedule
 the replacement). To replace a worker by hand, e.g. to move it to another node, call
 `runtime.replace_worker(w, **actor_options)` before or after `join` (not while `join` is running
 in another thread): it kills the old actor, tells the server, and starts the new one.
-Pushes from a worker the server already counts as lost are refused as stale. The server actor
-itself is not replicated: losing it ends the run.
+Pushes from a worker the server already counts as lost are refused as stale.
+
+Restarting the server. The server actor is not replicated: losing it ends `join`. With a
+`checkpoint_dir` it checkpoints as it goes (`server_checkpoint`: params, outer optimizer state,
+history, open jobs, schedule position); `runtime.restart_server()` starts a new server actor
+from the newest checkpoint and points the workers at it, and a new `RayRuntime` with the same
+`checkpoint_dir` resumes there too.
 """
 
 import math
@@ -42,8 +47,10 @@ import jax
 from jaxllm.methods.local_sgd.config import LocalSGDConfig
 from jaxllm.methods.local_sgd.history import History
 from jaxllm.methods.local_sgd.server import DONE, WAIT, EvalFn, Schedule, make_server
+from jaxllm.methods.local_sgd.server_checkpoint import restore_server, save_server
 from jaxllm.methods.local_sgd.task import WorkerTask
 from jaxllm.methods.local_sgd.worker import InnerWorker
+from jaxllm.train.checkpoint import Checkpointer
 
 _JAX_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 _DEFAULT_OPTIONS = {"num_cpus": 1}
@@ -70,13 +77,26 @@ def _apply_jax_settings(settings: dict[str, Any]) -> None:
 
 
 class ServerActor:
-    """Ray actor around a ParameterServer; params travel as host (NumPy) arrays."""
+    """Ray actor around a ParameterServer; params travel as host (NumPy) arrays. With
+    `checkpoint_dir` it resumes from the newest checkpoint there (if any) and checkpoints after
+    every `checkpoint_every` outer updates (`server_checkpoint`)."""
 
     def __init__(self, cfg: LocalSGDConfig, params, schedule: Schedule, eval_fn: EvalFn | None, eval_every: int,
-                 jax_settings: dict[str, Any], outer_optimizer=None):
+                 jax_settings: dict[str, Any], outer_optimizer=None, checkpoint_dir: str | None = None,
+                 checkpoint_every: int = 1):
         _apply_jax_settings(jax_settings)
         self.server = make_server(cfg, params, schedule, eval_fn=eval_fn, eval_every=eval_every,
                                   outer_optimizer=outer_optimizer)
+        self.checkpointer, self.checkpoint_every = None, checkpoint_every
+        if checkpoint_dir is not None:
+            self.checkpointer = Checkpointer(checkpoint_dir, keep=2)
+            restore_server(self.server, self.checkpointer)
+        self.saved_version = self.server.version
+
+    def _checkpoint_if_due(self) -> None:
+        if self.checkpointer is not None and self.server.version >= self.saved_version + self.checkpoint_every:
+            save_server(self.server, self.checkpointer)
+            self.saved_version = self.server.version
 
     def request_job(self, worker: int):
         reply = self.server.request_job(worker)
@@ -86,17 +106,25 @@ class ServerActor:
         return reply
 
     def push(self, worker: int, job_id: int, pseudo_grad, train_loss: float) -> bool:
-        return self.server.push(worker, job_id, pseudo_grad, train_loss)
+        accepted = self.server.push(worker, job_id, pseudo_grad, train_loss)
+        self._checkpoint_if_due()
+        return accepted
 
     def worker_lost(self, worker: int, replaced: bool) -> None:
         self.server.worker_lost(worker, replaced)
+        self._checkpoint_if_due()
 
     def status(self) -> dict:
         return self.server.status()
 
     def result(self):
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
         params, history = self.server.result()
         return jax.device_get(params), history
+
+    def outer_state(self):
+        return jax.device_get(self.server.outer_state)
 
 
 class WorkerActor:
@@ -141,12 +169,16 @@ class RayRuntime:
     poll_seconds: how long a worker waits before asking again after WAIT.
     outer_optimizer: any optax transform for the server (None: the preset `cfg` names); it
       travels to the server actor pickled, so it must be picklable by Ray (closures are).
+    checkpoint_dir / checkpoint_every: the server checkpoints there after every
+      `checkpoint_every` outer updates and starts from the newest checkpoint found there
+      (a directory on storage the server's node can reach).
     """
 
     def __init__(self, cfg: LocalSGDConfig, params, task: WorkerTask, eval_fn: EvalFn | None = None, *,
                  schedule: Schedule = "live", eval_every: int = 1, worker_options: dict | None = None,
                  server_options: dict | None = None, replace_lost_workers: bool = True,
-                 emulate_speed: float = 0.0, poll_seconds: float = 0.01, outer_optimizer=None):
+                 emulate_speed: float = 0.0, poll_seconds: float = 0.01, outer_optimizer=None,
+                 checkpoint_dir: str | None = None, checkpoint_every: int = 1):
         self.ray = require_ray()
         if schedule not in ("live", "replay"):
             raise ValueError(f"schedule={schedule!r} must be 'live' or 'replay'")
@@ -161,7 +193,10 @@ class RayRuntime:
         self.server_options = dict(_DEFAULT_OPTIONS if server_options is None else server_options)
         self.replace_lost_workers = replace_lost_workers
         self.step_seconds = [s * emulate_speed for s in cfg.worker_seconds_per_step()]
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={checkpoint_every!r} must be an integer >= 1")
         self.poll_seconds = poll_seconds
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.server = None
         self.workers: list = []
         self._loops: dict = {}  # loop ObjectRef -> worker index
@@ -170,15 +205,30 @@ class RayRuntime:
         ray = self.ray
         if not ray.is_initialized():
             ray.init()
-        settings = _jax_settings()
         self._worker_cls = ray.remote(WorkerActor)
-        self.server = ray.remote(ServerActor).options(**self.server_options).remote(
-            self.cfg, jax.device_get(self.params), self.schedule, self.eval_fn, self.eval_every, settings,
-            self.outer_optimizer)
+        self._start_server()
         self.workers = [None] * self.cfg.num_workers
         for w in range(self.cfg.num_workers):
             self._spawn(w, self.worker_options)
         return self
+
+    def _start_server(self) -> None:
+        self.server = self.ray.remote(ServerActor).options(**self.server_options).remote(
+            self.cfg, jax.device_get(self.params), self.schedule, self.eval_fn, self.eval_every, _jax_settings(),
+            self.outer_optimizer, self.checkpoint_dir, self.checkpoint_every)
+
+    def restart_server(self) -> int:
+        """Kill the server actor and start a new one from the newest checkpoint in
+        `checkpoint_dir` (updates after it are lost and their work redone); the workers go on
+        with it. Returns the version it continues from. Not while `join` runs in another thread."""
+        if self.checkpoint_dir is None:
+            raise ValueError("restart_server needs a checkpoint_dir (RayRuntime(..., checkpoint_dir=...))")
+        self.ray.kill(self.server, no_restart=True)
+        self._start_server()
+        # each worker's current loop fails on the dead server; the new loop runs after it
+        self._loops = {w.loop.remote(self.server, self.poll_seconds, self.step_seconds[i]): i
+                       for i, w in enumerate(self.workers)}
+        return self.status()["version"]
 
     def _spawn(self, worker: int, options: dict) -> None:
         actor = self._worker_cls.options(**options).remote(self.task, worker, self.cfg.seed, _jax_settings())
