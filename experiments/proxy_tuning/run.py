@@ -145,9 +145,12 @@ class Evaluator:
         return self.engines[name]
 
     def _decode(self, engine, prompts, max_tokens, stop=True):
+        """Greedy texts of `prompts` (texts, or ProxyTriples of per-member texts) and tokens/s."""
         sampling = SamplingParams(max_tokens=max_tokens, stop_tokens=(self.tok.eos_id,) if stop else ())
+        encode = lambda p: self.tok.encode(p, bos=True)  # noqa: E731
+        ids = [ProxyTriple(*map(encode, p)) if isinstance(p, ProxyTriple) else encode(p) for p in prompts]
         start = time.perf_counter()
-        out = engine.generate([self.tok.encode(p, bos=True) for p in prompts], sampling)
+        out = engine.generate(ids, sampling)
         seconds = time.perf_counter() - start
         texts = [self.tok.decode([t for t in c.tokens if t != self.tok.eos_id]) for c in out]
         return texts, sum(len(c.tokens) for c in out) / seconds
@@ -156,6 +159,24 @@ class Evaluator:
         known = facts.score(self.task, self.known, texts[:len(self.known)])
         refusal = facts.score(self.task, self.unknown, texts[len(self.known):])["exact"] if self.unknown else None
         return {**known, "refusal": refusal}
+
+    def member_prompts(self, workdir: pathlib.Path) -> dict:
+        """The proxy with per-member prompts (the paper's setting, where only the expert sees the
+        tuned format): base-large and the anti-expert see the pretraining-style cloze "the value of
+        K is", the expert sees the question; scores per α (cached in eval_member_prompts.json)."""
+        cached = workdir / "eval_member_prompts.json"
+        if cached.exists():
+            return json.loads(cached.read_text())
+        models = {name: load_model(workdir / name) for name in ("base_large", "base_small", "expert")}
+        configs = ProxyTriple(models["base_large"][0], models["expert"][0], models["base_small"][0])
+        params = ProxyTriple(models["base_large"][1], models["expert"][1], models["base_small"][1])
+        prompts = [ProxyTriple(facts.cloze(k), facts.question(k), facts.cloze(k)) for k in self.test]
+        out, samples = {}, {}
+        for alpha in self.cfg.alphas:
+            texts, _ = self._decode(self._engine(f"proxy-{alpha}", configs, params, alpha), prompts, self.cfg.max_tokens)
+            out[f"{alpha:g}"], samples[f"{alpha:g}"] = self._score(texts), list(zip(self.test[:3], texts[:3]))
+        cached.write_text(json.dumps({"systems": out, "samples": samples}, indent=1))
+        return {"systems": out, "samples": samples}
 
     def seed(self, workdir: pathlib.Path) -> dict:
         """Every system's scores on the held-out questions of one seed (cached in eval.json)."""
@@ -216,6 +237,8 @@ def aggregate(cfg, per_seed: dict) -> dict:
     recall = {s: mean_std([r["cloze_recall"][s] for r in per_seed.values()])
               for s in ("base-large", "base-small")}
     speed = {k: mean_std([r["tokens_per_s"][k] for r in per_seed.values()]) for k in ("plain", "proxy")}
+    member = {f"{a:g}": {m: mean_std([r["member_prompts"]["systems"][f"{a:g}"][m] for r in per_seed.values()])
+                         for m in (*METRICS, "refusal")} for a in cfg.alphas}
     gaps = {}
     for alpha in cfg.alphas:
         proxy = f"proxy-large α={alpha:g}"
@@ -223,7 +246,8 @@ def aggregate(cfg, per_seed: dict) -> dict:
                       for m in METRICS}
         capped = [min(g, 1.0) for g in per_metric.values() if g is not None]
         gaps[f"{alpha:g}"] = {**per_metric, "mean_capped": float(np.mean(capped)) if capped else None}
-    return {"table": table, "cloze_recall": recall, "tokens_per_s": speed, "gap_closed": gaps}
+    return {"table": table, "member_prompts": member, "cloze_recall": recall, "tokens_per_s": speed,
+            "gap_closed": gaps}
 
 
 def pct(ms) -> str:
@@ -233,7 +257,8 @@ def pct(ms) -> str:
 
 def write_markdown(cfg, agg: dict, path: pathlib.Path, seeds, wall: float) -> None:
     lines = [f"Seeds {list(seeds)}; mean ± std over seeds, % of {cfg.splits.test} held-out known keys "
-             f"(refusal: {cfg.splits.test_unknown} held-out unknown keys). Wall time {wall / 60:.1f} min.", "",
+             f"(refusal: {cfg.splits.test_unknown} held-out unknown keys). Wall time of the call that wrote this: "
+             f"{wall / 60:.1f} min (a resumed call skips finished stages).", "",
              "| system | exact match | format | fact | refusal (unknown keys) |", "|---|---|---|---|---|"]
     order = ["base-large", "expert-small", "proxy-large α=1", "tuned-large"]
     for s in order + [s for s in agg["table"] if s not in order]:
@@ -245,6 +270,10 @@ def write_markdown(cfg, agg: dict, path: pathlib.Path, seeds, wall: float) -> No
     for alpha, g in agg["gap_closed"].items():
         cells = ["—" if g[m] is None else f"{100 * g[m]:.0f} %" for m in (*METRICS, "mean_capped")]
         lines.append(f"| {alpha} | " + " | ".join(cells) + " |")
+    lines += ["", "Proxy with per-member prompts (base-large and anti-expert see 'the value of K is', the expert "
+              "sees the question):", "", "| α | exact | format | fact | refusal |", "|---|---|---|---|---|"]
+    for alpha, row in agg["member_prompts"].items():
+        lines.append(f"| {alpha} | " + " | ".join(pct(row[m]) for m in (*METRICS, "refusal")) + " |")
     r, sp = agg["cloze_recall"], agg["tokens_per_s"]
     lines += ["", f"Bases' fact recall on cloze prompts ('the value of K is'): base-large {pct(r['base-large'])}, "
               f"base-small {pct(r['base-small'])}.",
@@ -264,6 +293,9 @@ def plot(cfg, agg: dict, path: pathlib.Path) -> None:
         rows = [agg["table"][f"proxy-large α={a:g}"][metric] for a in alphas]
         ax.errorbar(alphas, [100 * m for m, _ in rows], [100 * s for _, s in rows], marker="o", capsize=3,
                     label="proxy-large")
+        rows = [agg["member_prompts"][f"{a:g}"][metric] for a in alphas]
+        ax.errorbar(alphas, [100 * m for m, _ in rows], [100 * s for _, s in rows], marker="s", capsize=3, ls="--",
+                    label="proxy-large, base/anti on cloze")
         for label, style in (("expert-small", ":"), ("tuned-large", "--"), ("base-large", "-.")):
             ax.axhline(100 * agg["table"][label][metric][0], ls=style, color="gray", label=label)
         ax.set(xlabel="α", ylabel=f"{metric} accuracy (%)", title=f"{metric} accuracy vs α", ylim=(-3, 103))
@@ -289,7 +321,9 @@ def main(argv):
     for seed in cfg.seeds:  # train and evaluate seed by seed, so a partial run has finished seeds
         train_seed(cfg, data, workdir / f"seed{seed}", seed, log)
         per_seed[seed] = evaluator.seed(workdir / f"seed{seed}")
-        print(f"seed {seed}: " + json.dumps({k: v for k, v in per_seed[seed].items() if k != "samples"}), flush=True)
+        per_seed[seed]["member_prompts"] = evaluator.member_prompts(workdir / f"seed{seed}")
+        summary = {k: v for k, v in per_seed[seed].items() if k not in ("samples", "member_prompts")}
+        print(f"seed {seed}: {json.dumps(summary)}", flush=True)
     agg = aggregate(cfg, per_seed)
     wall = time.time() - start
     stage_seconds = sum(float((p / DONE).read_text()) for p in workdir.glob("seed*/*") if (p / DONE).exists())
