@@ -255,10 +255,11 @@ def pct(ms) -> str:
     return "—" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def write_markdown(cfg, agg: dict, path: pathlib.Path, seeds, wall: float) -> None:
+def write_markdown(cfg, agg: dict, path: pathlib.Path, seeds, wall: float, stage_seconds: float) -> None:
     lines = [f"Seeds {list(seeds)}; mean ± std over seeds, % of {cfg.splits.test} held-out known keys "
              f"(refusal: {cfg.splits.test_unknown} held-out unknown keys). Wall time of the call that wrote this: "
-             f"{wall / 60:.1f} min (a resumed call skips finished stages).", "",
+             f"{wall / 60:.1f} min (a resumed call skips finished stages); the training stages took "
+             f"{stage_seconds / 60:.1f} min in all.", "",
              "| system | exact match | format | fact | refusal (unknown keys) |", "|---|---|---|---|---|"]
     order = ["base-large", "expert-small", "proxy-large α=1", "tuned-large"]
     for s in order + [s for s in agg["table"] if s not in order]:
@@ -331,7 +332,7 @@ def main(argv):
     (out / "results.json").write_text(json.dumps(
         {"config": cfg.to_dict(), "per_seed": per_seed, "aggregate": agg, "wall_seconds_this_call": wall,
          "training_stage_seconds": stage_seconds, "stages_run_this_call": log}, indent=1, default=str))
-    write_markdown(cfg, agg, out / "results.md", cfg.seeds, wall)
+    write_markdown(cfg, agg, out / "results.md", cfg.seeds, wall, stage_seconds)
     plot(cfg, agg, out / "proxy_tuning_alpha.png")
     print((out / "results.md").read_text())
 
