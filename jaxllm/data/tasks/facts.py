@@ -1,4 +1,4 @@
-"""Key → value facts: the task of the proxy-tuning mini-reproduction (arXiv 2401.08565, §6 setting).
+"""Key → value facts: the task of the proxy-tuning mini-reproduction (arXiv 2401.08565).
 
 A *world* (drawn once from `world_seed`) assigns each of `num_facts` pseudo-word keys one of
 `num_values` pseudo-word values; `num_unknown` further keys exist as words but have no value.
