@@ -22,7 +22,6 @@ Writes results.json, results.md and proxy_tuning_alpha.png next to this file (or
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -174,7 +173,8 @@ class Evaluator:
         out, samples = {}, {}
         for alpha in self.cfg.alphas:
             texts, _ = self._decode(self._engine(f"proxy-{alpha}", configs, params, alpha), prompts, self.cfg.max_tokens)
-            out[f"{alpha:g}"], samples[f"{alpha:g}"] = self._score(texts), list(zip(self.test[:3], texts[:3]))
+            out[f"{alpha:g}"] = self._score(texts)
+            samples[f"{alpha:g}"] = list(zip(self.test[:3], texts[:3]))
         cached.write_text(json.dumps({"systems": out, "samples": samples}, indent=1))
         return {"systems": out, "samples": samples}
 
@@ -264,7 +264,7 @@ def write_markdown(cfg, agg: dict, path: pathlib.Path, seeds, wall: float, stage
     order = ["base-large", "expert-small", "proxy-large α=1", "tuned-large"]
     for s in order + [s for s in agg["table"] if s not in order]:
         row = agg["table"][s]
-        lines.append(f"| {s} | {pct(row['exact'])} | {pct(row['format'])} | {pct(row['fact'])} | {pct(row['refusal'])} |")
+        lines.append(f"| {s} | " + " | ".join(pct(row[m]) for m in (*METRICS, "refusal")) + " |")
     lines += ["", "Gap closed = (proxy − base-large) / (tuned-large − base-large) per metric on the seed means; "
               "'mean (capped)' averages the metrics with each capped at 100 % (a metric with no gap is left out).",
               "", "| α | exact | format | fact | mean (capped) |", "|---|---|---|---|---|"]
