@@ -28,7 +28,8 @@ paged KV cache). The three sources are read like `--source`; every member sees t
 tokens (the equal-context variant; a chat request's template is applied once, for all three). The
 members' tokenizers must agree on every id of the base's (`check_vocabularies`), so text means the
 same tokens to all three: a mismatch is a ValueError naming the first differing id; a member source
-that does not exist is a FileNotFoundError naming the member.
+that does not exist, or carries no tokenizer, is a FileNotFoundError naming the member. `--tokenizer`
+serves all three with one tokenizer (e.g. for `launch.train_preference` workdirs, which record none).
 
   python -m launch.serve --source=LARGE_BASE --expert=SMALL_TUNED --anti_expert=SMALL_BASE --alpha=1.0 \
       --input=prompts.jsonl --output=completions.jsonl
@@ -86,7 +87,8 @@ def build_engine(source: str, config: ml_collections.ConfigDict, tokenizer: Toke
     if expert is None:
         model_cfg, params = model_format.load_model(source)
         return Engine(model_cfg, params, tokenizer=tokenizer, **dict(config.engine))
-    members = [load_member(role, path) for role, path in zip(ProxyTriple._fields, (source, expert, anti_expert))]
+    members = [load_member(role, path) for role, path in
+               (("base", source), ("expert", expert), ("anti_expert", anti_expert))]
     return proxy_engine(ProxyTriple(*(c for c, _ in members)), ProxyTriple(*(p for _, p in members)), alpha,
                         tokenizer=tokenizer, **dict(config.engine))
 
@@ -101,18 +103,29 @@ def load_member(role: str, source: str):
 
 def load_tokenizer(source: str, override: str = "", *, expert: str | None = None,
                    anti_expert: str | None = None) -> Tokenizer:
-    """The tokenizer text is served with: the base's (or `override`). For a proxy triple, every
-    member's tokenizer must match the base's on all of the base's ids and special ids
-    (`check_vocabularies`: ValueError naming the first differing id)."""
+    """The tokenizer text is served with: the base's (or `override`, then used for every member).
+    For a proxy triple, every member's tokenizer must match the base's on all of the base's ids and
+    special ids (`check_vocabularies`: ValueError naming the first differing id); FileNotFoundError
+    names a member that does not exist or carries no tokenizer (e.g. a `launch.train_preference`
+    workdir, which records no tokenizer)."""
     tokenizer = model_format.load_tokenizer(source, override)
     tokenizer_lib.check_vocab(tokenizer, model_format.load_config(source).vocab_size)
     if expert is not None and anti_expert is not None:
         for role, path in (("expert", expert), ("anti_expert", anti_expert)):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"proxy {role} checkpoint {path!r} does not exist")
-        check_vocabularies(tokenizer, *(model_format.load_tokenizer(m, override) for m in (expert, anti_expert)),
+        check_vocabularies(tokenizer, *(_member_tokenizer(role, path, override) for role, path in
+                                        (("expert", expert), ("anti_expert", anti_expert))),
                            vocab_size=tokenizer.vocab_size)
     return tokenizer
+
+
+def _member_tokenizer(role: str, source: str, override: str):
+    try:
+        return model_format.load_tokenizer(source, override)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"proxy {role} {source!r} carries no tokenizer ({err}); pass --tokenizer to "
+                                "serve every member with one tokenizer") from err
 
 
 def sampling_params(request: dict, defaults: dict, tokenizer: Tokenizer | None) -> SamplingParams:

@@ -169,6 +169,11 @@ def test_proxy_members_are_checked_by_name(triple, tmp_path):
         serve.build_engine(paths["base"], config, expert=str(tmp_path / "nowhere"), anti_expert=paths["anti"])
     with pytest.raises(FileNotFoundError, match=r"proxy anti_expert checkpoint '.*/gone'"):
         serve.load_tokenizer(paths["base"], expert=paths["expert"], anti_expert=str(tmp_path / "gone"))
+    model_dir.save_model(tmp_path / "bare", SMALL_CFG, params.expert)  # e.g. a train_preference workdir
+    with pytest.raises(FileNotFoundError, match=r"proxy expert '.*/bare' carries no tokenizer"):
+        serve.load_tokenizer(paths["base"], expert=str(tmp_path / "bare"), anti_expert=paths["anti"])
+    assert serve.load_tokenizer(paths["base"], paths["base"] + "/tokenizer.model", expert=str(tmp_path / "bare"),
+                                anti_expert=paths["anti"]).vocab_size == TOKENIZER.vocab_size
     with pytest.raises(ValueError, match="both an expert and an anti-expert"):
         serve.build_engine(paths["base"], config, expert=paths["expert"])
     with pytest.raises(ValueError, match="alpha must be a finite number, got nan"):
