@@ -21,6 +21,19 @@ Compiled programs go to JAX's persistent cache (`--compilation_cache`), so a res
 shipped one). Generation stops at the tokenizer's EOS unless a request sets `ignore_eos`. Fields a request
 leaves out take `--config.sampling` values (greedy, 64 tokens by default), in both modes.
 
+Proxy-tuning (arXiv 2401.08565): `--expert=SMALL_TUNED --anti_expert=SMALL_BASE [--alpha=1.0]` serves
+`--source` (the large base) steered at every decoding step by logits base + α·(expert − anti), in
+both modes, through `jaxllm.methods.proxy_tuning.proxy_engine` (three models, each with its own
+paged KV cache). The three sources are read like `--source`; every member sees the same prompt
+tokens (the equal-context variant; a chat request's template is applied once, for all three). The
+members' tokenizers must agree on every id of the base's (`check_vocabularies`), so text means the
+same tokens to all three: a mismatch is a ValueError naming the first differing id; a member source
+that does not exist, or carries no tokenizer, is a FileNotFoundError naming the member. `--tokenizer`
+serves all three with one tokenizer (e.g. for `launch.train_preference` workdirs, which record none).
+
+  python -m launch.serve --source=LARGE_BASE --expert=SMALL_TUNED --anti_expert=SMALL_BASE --alpha=1.0 \
+      --input=prompts.jsonl --output=completions.jsonl
+
 Input lines: `{"prompt": "text"}` or `{"prompt_ids": [1, 2, 3]}`, optionally with per-line
 `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `n`, `stop` (strings), `stop_token_ids`,
 `ignore_eos`.
@@ -31,6 +44,7 @@ other lines are unaffected).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -44,7 +58,8 @@ from ml_collections import config_flags
 from jaxllm import model as model_format
 from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data.tokenizer import Tokenizer
-from jaxllm.serve import Engine, SamplingParams, api_server
+from jaxllm.methods.proxy_tuning import check_vocabularies, proxy_engine
+from jaxllm.serve import Engine, ProxyTriple, SamplingParams, api_server
 from launch import common
 
 REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop", "stop_token_ids", "ignore_eos")
@@ -60,11 +75,57 @@ def get_config() -> ml_collections.ConfigDict:
     })
 
 
-def build_engine(source: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> Engine:
+def build_engine(source: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None, *,
+                 expert: str | None = None, anti_expert: str | None = None, alpha: float = 1.0) -> Engine:
     """Load the model at `source` (`jaxllm.model.load_model`) and wrap it in an Engine with
-    `config.engine` (and `tokenizer`, for text and stop strings)."""
-    model_cfg, params = model_format.load_model(source)
-    return Engine(model_cfg, params, tokenizer=tokenizer, **dict(config.engine))
+    `config.engine` (and `tokenizer`, for text and stop strings). With `expert` and `anti_expert`:
+    a proxy-tuned engine, `source` steered by base + α·(expert − anti) (`proxy_engine`);
+    FileNotFoundError names a member whose source is missing, ValueError a non-finite α."""
+    if (expert is None) != (anti_expert is None):
+        raise ValueError(f"proxy-tuning needs both an expert and an anti-expert, got expert={expert!r}, "
+                         f"anti_expert={anti_expert!r}")
+    if expert is None:
+        model_cfg, params = model_format.load_model(source)
+        return Engine(model_cfg, params, tokenizer=tokenizer, **dict(config.engine))
+    members = [load_member(role, path) for role, path in
+               (("base", source), ("expert", expert), ("anti_expert", anti_expert))]
+    return proxy_engine(ProxyTriple(*(c for c, _ in members)), ProxyTriple(*(p for _, p in members)), alpha,
+                        tokenizer=tokenizer, **dict(config.engine))
+
+
+def load_member(role: str, source: str):
+    """(config, params) of one proxy member; FileNotFoundError names the member and its source."""
+    try:
+        return model_format.load_model(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"proxy {role} checkpoint {source!r} cannot be loaded: {err}") from err
+
+
+def load_tokenizer(source: str, override: str = "", *, expert: str | None = None,
+                   anti_expert: str | None = None) -> Tokenizer:
+    """The tokenizer text is served with: the base's (or `override`, then used for every member).
+    For a proxy triple, every member's tokenizer must match the base's on all of the base's ids and
+    special ids (`check_vocabularies`: ValueError naming the first differing id); FileNotFoundError
+    names a member that does not exist or carries no tokenizer (e.g. a `launch.train_preference`
+    workdir, which records no tokenizer)."""
+    tokenizer = model_format.load_tokenizer(source, override)
+    tokenizer_lib.check_vocab(tokenizer, model_format.load_config(source).vocab_size)
+    if expert is not None and anti_expert is not None:
+        for role, path in (("expert", expert), ("anti_expert", anti_expert)):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"proxy {role} checkpoint {path!r} does not exist")
+        check_vocabularies(tokenizer, *(_member_tokenizer(role, path, override) for role, path in
+                                        (("expert", expert), ("anti_expert", anti_expert))),
+                           vocab_size=tokenizer.vocab_size)
+    return tokenizer
+
+
+def _member_tokenizer(role: str, source: str, override: str):
+    try:
+        return model_format.load_tokenizer(source, override)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"proxy {role} {source!r} carries no tokenizer ({err}); pass --tokenizer to "
+                                "serve every member with one tokenizer") from err
 
 
 def sampling_params(request: dict, defaults: dict, tokenizer: Tokenizer | None) -> SamplingParams:
@@ -162,6 +223,9 @@ def define_flags():
     """The command-line flags (defined only when run as a program)."""
     config_flags.DEFINE_config_dict("config", get_config(), lock_config=True)
     flags.DEFINE_string("source", None, "Model: jaxllm model dir, HF folder or launch.train workdir.")
+    flags.DEFINE_string("expert", None, "Proxy-tuning: the small tuned model steering --source (needs --anti_expert).")
+    flags.DEFINE_string("anti_expert", None, "Proxy-tuning: the expert's untuned counterpart (needs --expert).")
+    flags.DEFINE_float("alpha", 1.0, "Proxy-tuning: logits = base + alpha * (expert - anti_expert).")
     flags.DEFINE_string("tokenizer", "", "Tokenizer folder or tokenizer.model file, 'default' for the shipped one "
                         "('' = the one the source carries).")
     flags.DEFINE_string("input", None, "Batch mode: JSONL of prompts.")
@@ -187,11 +251,19 @@ def main(argv):
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    tokenizer = model_format.load_tokenizer(FLAGS.source, FLAGS.tokenizer)
-    tokenizer_lib.check_vocab(tokenizer, model_format.load_config(FLAGS.source).vocab_size)
+    if (FLAGS.expert is None) != (FLAGS.anti_expert is None):
+        raise app.UsageError("proxy-tuning needs both --expert and --anti_expert")
+    if FLAGS.expert is not None and not math.isfinite(FLAGS.alpha):
+        raise app.UsageError(f"--alpha must be a finite number, got {FLAGS.alpha}")
+    proxy = dict(expert=FLAGS.expert, anti_expert=FLAGS.anti_expert)
+    tokenizer = load_tokenizer(FLAGS.source, FLAGS.tokenizer, **proxy)
     defaults = dict(FLAGS.config.sampling)
+
+    def load() -> Engine:
+        return build_engine(FLAGS.source, FLAGS.config, tokenizer, alpha=FLAGS.alpha, **proxy)
+
     if FLAGS.input is not None:
-        engine = build_engine(FLAGS.source, FLAGS.config, tokenizer)
+        engine = load()
         with open(FLAGS.input) as f:
             lines = [line for line in f if line.strip()]
         records = generate_jsonl(engine, lines, tokenizer, defaults)
@@ -203,8 +275,7 @@ def main(argv):
     config = api_server.ServerConfig(model_name=FLAGS.model_name or FLAGS.source, api_key=FLAGS.api_key,
                                      max_waiting=FLAGS.max_waiting, max_body_bytes=FLAGS.max_body_bytes,
                                      request_timeout=FLAGS.request_timeout, defaults=defaults)
-    server = api_server.start_server(lambda: build_engine(FLAGS.source, FLAGS.config, tokenizer), tokenizer, config,
-                                     host=FLAGS.host, port=FLAGS.port)
+    server = api_server.start_server(load, tokenizer, config, host=FLAGS.host, port=FLAGS.port)
     print(f"serving {config.model_name!r} on {server.url}/v1 (loading; /health answers 200 when ready)", flush=True)
     try:
         server.wait_ready()

@@ -363,8 +363,11 @@ def proxy_tuned(base: LogitsFn, expert: LogitsFn, anti: LogitsFn, alpha: float =
     and cache). `tokens_T` and `positions_T` are either one array fed to all members or a
     `ProxyTriple` of per-member streams, so each member can see its own prompt (e.g. the expert's
     chat template) as long as every member yields one logits row per sequence slot, in the same
-    order. Returns (combined logits_SV, ProxyTriple of the members' new caches).
+    order. Returns (combined logits_SV, ProxyTriple of the members' new caches). ValueError when
+    `alpha` is not a finite number.
     """
+    if not isinstance(alpha, (int, float, np.floating, np.integer)) or not math.isfinite(alpha):
+        raise ValueError(f"proxy-tuning alpha must be a finite number, got {alpha!r}")
     members = ProxyTriple(base, expert, anti)
 
     def per_member(x):
