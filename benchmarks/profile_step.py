@@ -69,12 +69,12 @@ def main(argv):
     batches, offsets = engine._stream_batches(plan)
     rows = plan.sampling_rows()
     batches_d, offsets_d, rows_d = jax.device_put((batches, offsets, rows))
-    out = engine._step_fn(engine.params, engine._pools, batches_d, offsets_d, rows_d)
-    device = median_time(lambda: engine._step_fn(engine.params, engine._pools, batches_d, offsets_d, rows_d), reps)
+    out = engine._step_fn(engine.params, engine._pools, batches_d, offsets_d, rows_d, None)
+    device = median_time(lambda: engine._step_fn(engine.params, engine._pools, batches_d, offsets_d, rows_d, None), reps)
     slots = tuple(b.slot_mapping_T for b in batches_d)
 
     def commit_once():
-        engine._pools = engine._commit_fn(engine._pools, out[2], slots)
+        engine._pools = engine._commit_fn(engine._pools, out[-1], slots)
         return engine._pools
     commit = median_time(commit_once, reps)
 

@@ -78,7 +78,9 @@ BUDGET = 256  # token budget of the headline SplitFuse arm (and vLLM's max_num_b
 # batch-64 runs use a SplitFuse engine with 64.
 # Prefix caching is off (as in vLLM here): every rate replays the same prompts, which would
 # otherwise be served from the cache after the first run.
-ENGINE_COMMON = dict(block_size=16, num_blocks=2048, max_seqs=32, context_buckets=(128, 256, 384),
+# Context buckets step ×1.5 / ×4/3 (tables ≤ 1.5× the longest history; every decode reads its whole
+# table): 7 widths with max_len 512, compiled before timing by `Engine.precompile`.
+ENGINE_COMMON = dict(block_size=16, num_blocks=2048, max_seqs=32, context_buckets=(64, 96, 128, 192, 256, 384),
                      prefix_caching=False)
 OFFLINE_ENGINE = dict(ENGINE_COMMON, max_seqs=64, policy="splitfuse", token_budget=BUDGET,
                       buckets=(16, 32, 64, 128, 192, 256))

@@ -35,10 +35,14 @@ def default_buckets(token_budget: int) -> tuple[int, ...]:
 
 
 def default_context_buckets(max_model_len: int | None) -> tuple[int, ...]:
-    """Context buckets: 256 tokens, then ×4, below `max_model_len` (the full width is added)."""
+    """Context buckets: 64 tokens, then ×2, below `max_model_len` (the full width is added).
+
+    A decode reads its whole block-table width, so attention costs ∝ the bucket, not the context:
+    doubling keeps a table under 2× its longest history (×4 from 256 padded a context of 100 to
+    256) at one compile per width, log2(max_model_len / 64) + 1 widths per token bucket."""
     sizes = []
-    while max_model_len and (sizes[-1] * 4 if sizes else 256) < max_model_len:
-        sizes.append(sizes[-1] * 4 if sizes else 256)
+    while max_model_len and (sizes[-1] * 2 if sizes else 64) < max_model_len:
+        sizes.append(sizes[-1] * 2 if sizes else 64)
     return tuple(sizes)
 
 

@@ -17,6 +17,7 @@ from jaxllm.serve.cache import write_kv
 from jaxllm.serve.sampling import SamplingParams, sample, sampling_rows
 from jaxllm.serve.scheduler import Scheduler, SchedulerConfig
 from jaxllm.serve.sequence import Status
+from jaxllm.serve.step import default_context_buckets
 
 V = 16
 sample_jit = jax.jit(sample)
@@ -403,6 +404,28 @@ def test_block_tables_are_as_wide_as_the_longest_history_bucket():
     # fresh prompt: no history, narrowest tables; decodes after 20 and 21 cached tokens: 5 and 6
     # blocks (position 20 starts block 5, which only the slot mapping addresses)
     assert widths == [2, 5, 10]
+
+
+def test_default_context_buckets_keep_tables_under_twice_the_history():
+    """With the engine's default context buckets a growing sequence's table is the narrowest width
+    holding its history and at most 2x it (or the 64-token floor), and decoding across every width
+    change matches sequential decoding (the mock checks every slot it reads)."""
+    cfg = SchedulerConfig(num_blocks=64, block_size=4, token_budget=32, max_seqs=4, buckets=(32,),
+                          max_model_len=200, context_buckets=default_context_buckets(200))
+    requests = [(list(range(10)), SamplingParams(max_tokens=180))]
+    outputs, _, _ = run(cfg, requests)
+    assert_matches_reference(requests, outputs)
+    sched = Scheduler(cfg)
+    sched.add(0, *requests[0])
+    seen = set()
+    while (plan := sched.schedule()) is not None:
+        history = sched.running[0].num_computed
+        width = plan.batch.block_tables_SW.shape[1] * cfg.block_size
+        assert history <= width <= max(64, 2 * history), (history, width)
+        seen.add(width)
+        S = len(plan.batch.context_len_S)
+        sched.update(plan, np.zeros(S, np.int32), np.zeros(S, np.float32))
+    assert len(seen) >= 3, seen  # the test crossed width changes
 
 
 @pytest.mark.parametrize("max_seqs, prompt_len, want_fork", [(4, 10, True), (4, 9, True), (1, 10, False)])
