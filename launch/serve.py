@@ -29,7 +29,7 @@ tokens (the equal-context variant; a chat request's template is applied once, fo
 members' tokenizers must agree on every id of the base's (`check_vocabularies`), so text means the
 same tokens to all three: a mismatch is a ValueError naming the first differing id; a member source
 that does not exist, or carries no tokenizer, is a FileNotFoundError naming the member. `--tokenizer`
-serves all three with one tokenizer (e.g. for `launch.train_preference` workdirs, which record none).
+serves all three with one tokenizer (e.g. for a workdir that records none).
 
   python -m launch.serve --source=LARGE_BASE --expert=SMALL_TUNED --anti_expert=SMALL_BASE --alpha=1.0 \
       --input=prompts.jsonl --output=completions.jsonl
@@ -106,8 +106,7 @@ def load_tokenizer(source: str, override: str = "", *, expert: str | None = None
     """The tokenizer text is served with: the base's (or `override`, then used for every member).
     For a proxy triple, every member's tokenizer must match the base's on all of the base's ids and
     special ids (`check_vocabularies`: ValueError naming the first differing id); FileNotFoundError
-    names a member that does not exist or carries no tokenizer (e.g. a `launch.train_preference`
-    workdir, which records no tokenizer)."""
+    names a member that does not exist or carries no tokenizer."""
     tokenizer = model_format.load_tokenizer(source, override)
     tokenizer_lib.check_vocab(tokenizer, model_format.load_config(source).vocab_size)
     if expert is not None and anti_expert is not None:

@@ -9,7 +9,8 @@ a `data` section (`jaxllm.data.pairs.PairDataConfig`) and `init_checkpoint`: any
 `jaxllm.model.load_model` (a `launch.train` workdir or its `checkpoints/`, a model directory, an HF
 folder) whose params start the policy and whose config replaces `config.model` ("" = random init of
 `config.model`); the starting params are also DPO's frozen reference. The workdir records the model
-(`jaxllm.model.record_model`), so `load_model(WORKDIR)` reads the tuned policy back. Running it
+and the SentencePiece tokenizer its JSONL pairs were made with (`jaxllm.model.record_model`), so `load_model(WORKDIR)`
+reads the tuned policy back and `launch.serve --source=WORKDIR` serves it without `--tokenizer`. Running it
 again with the same workdir resumes from the newest good checkpoint. On SIGTERM the run saves a
 checkpoint and exits with status 143 (128 + SIGTERM). All logic lives in
 `jaxllm.methods.preference` (a caller of the one loop, `jaxllm.train.fit`).
@@ -22,6 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxllm.data import pairs as pair_data
+from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.methods import preference
 from jaxllm.model import load_model, record_model
 from launch import common
@@ -39,10 +41,12 @@ def main(argv):
     if config["init_checkpoint"]:
         model_cfg, params = load_model(config["init_checkpoint"])
         cfg = dataclasses.replace(cfg, model=model_cfg)
-    pairs, vocab_size = pair_data.load_pairs(pair_data.PairDataConfig(**config["data"]))
-    if vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer vocab_size {vocab_size} is larger than the model's vocab_size {cfg.model.vocab_size}")
-    record_model(_WORKDIR.value, cfg.model)
+    pairs, tokenizer = pair_data.load_pairs(pair_data.PairDataConfig(**config["data"]))
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} is larger than the model's vocab_size "
+                         f"{cfg.model.vocab_size}")
+    # the toy translation task's word tokenizer has no file format: it is rebuilt from the task
+    record_model(_WORKDIR.value, cfg.model, tokenizer if isinstance(tokenizer, Tokenizer) else None)
     print(f"{len(pairs['chosen_tokens'])} pairs of {pairs['chosen_tokens'].shape[1]} tokens; "
           f"objective {cfg.objective or 'sft'}", flush=True)
     data = pair_data.chosen_rows(pairs) if cfg.objective is None else pairs

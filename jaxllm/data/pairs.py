@@ -102,8 +102,8 @@ class PairDataConfig:
             raise ValueError(f"need 0 < data.max_prompt_len < data.max_len, got {self.max_prompt_len}, {self.max_len}")
 
 
-def load_pairs(cfg: PairDataConfig) -> tuple[dict[str, np.ndarray], int]:
-    """(pair arrays [N, max_len], tokenizer vocab size) of the source `cfg` names."""
+def load_pairs(cfg: PairDataConfig) -> tuple[dict[str, np.ndarray], Tokenizer]:
+    """(pair arrays [N, max_len], the tokenizer that made them) of the source `cfg` names."""
     if cfg.source == "translation":
         task = translation.TranslationTask()
         tokenizer = task.tokenizer()
@@ -114,4 +114,4 @@ def load_pairs(cfg: PairDataConfig) -> tuple[dict[str, np.ndarray], int]:
         tokenizer = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else Tokenizer.default()
         triplets = [t for f in cfg.files.split(",") if f.strip() for t in read_triplets(f.strip())]
     pairs = pair_arrays(tokenizer, triplets, max_len=cfg.max_len, max_prompt_len=cfg.max_prompt_len, length=cfg.max_len)
-    return pairs, tokenizer.vocab_size
+    return pairs, tokenizer

@@ -21,7 +21,9 @@ import pytest
 from jaxllm.data import pairs as pair_data
 from jaxllm.data.epochs import EpochBatches
 from jaxllm.data.preference import collate_pairs
+from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.methods import preference as mp
+from jaxllm import model as model_format
 from jaxllm.model import llama, presets
 from jaxllm.objectives.preference import PreferenceConfig
 from jaxllm.parallel import mesh as mesh_lib
@@ -307,3 +309,25 @@ def test_launcher_trains_dpo_end_to_end(tmp_path):
     assert records[0]["prefer_loss"] == pytest.approx(math.log(2), abs=1e-5) and records[0]["nll_loss"] > 0
     assert (tmp_path / "checkpoints" / "3").is_dir() and (tmp_path / mp.REFERENCE_FILE).is_file()
     assert "step 3/3" in proc.stdout
+
+
+# a subprocess launch; nothing else runs the launcher on JSONL pairs to the end
+@pytest.mark.slow
+def test_launcher_on_jsonl_pairs_records_their_tokenizer(tmp_path):
+    """The workdir of a JSONL run is a complete model source: config, params and the tokenizer the
+    pairs were made with, so serving it needs no --tokenizer."""
+    rows = [{"prompt": f"Say {w}.", "chosen": f" {w}", "rejected": " no"} for w in ("yes", "maybe", "sure", "fine")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "launch.train_preference", "--config=experiments/cpo/trainer_config.py",
+           f"--workdir={work}", "--config.steps=2", "--config.batch_size=4", "--config.data.source=jsonl",
+           f"--config.data.files={data}", "--config.model.vocab_size=4096"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokenizer = model_format.load_tokenizer(work)
+    assert tokenizer.encode("Say maybe.") == Tokenizer.default().encode("Say maybe.")
+    cfg, _ = model_format.load_model(work)
+    assert cfg.vocab_size == 4096

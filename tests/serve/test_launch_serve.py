@@ -169,7 +169,7 @@ def test_proxy_members_are_checked_by_name(triple, tmp_path):
         serve.build_engine(paths["base"], config, expert=str(tmp_path / "nowhere"), anti_expert=paths["anti"])
     with pytest.raises(FileNotFoundError, match=r"proxy anti_expert checkpoint '.*/gone'"):
         serve.load_tokenizer(paths["base"], expert=paths["expert"], anti_expert=str(tmp_path / "gone"))
-    model_dir.save_model(tmp_path / "bare", SMALL_CFG, params.expert)  # e.g. a train_preference workdir
+    model_dir.save_model(tmp_path / "bare", SMALL_CFG, params.expert)  # a model dir saved without its tokenizer
     with pytest.raises(FileNotFoundError, match=r"proxy expert '.*/bare' carries no tokenizer"):
         serve.load_tokenizer(paths["base"], expert=str(tmp_path / "bare"), anti_expert=paths["anti"])
     assert serve.load_tokenizer(paths["base"], paths["base"] + "/tokenizer.model", expert=str(tmp_path / "bare"),
