@@ -48,6 +48,7 @@ def test_replayed_schedule_on_ray_equals_in_process_run(ray_local):
            [(a.job_id, a.worker, a.version_after) for a in expected.arrivals]
 
 
+@pytest.mark.slow  # a Ray run; the replayed-schedule test covers the runtime in the default suite
 def test_live_sequential_arrivals_on_ray_equal_in_process_run(ray_local):
     """One worker arrives sequentially, so live arrival order is deterministic: equal to `run`."""
     cfg = _cfg(num_workers=1, seconds_per_step=(1.0,), shard_sizes=(1, 1), total_local_steps=20)
@@ -84,6 +85,7 @@ def _kill_mid_job(ray, cfg, replace: bool, emulate_speed: float):
     return history, killed_job
 
 
+@pytest.mark.slow  # a Ray run; the replayed-schedule test covers the runtime in the default suite
 def test_killing_a_worker_mid_job_leaves_the_others_training(ray_local):
     """Worker 1 is killed while it holds an open job and is not replaced: the job never reaches the
     model, the other workers sync the whole budget and the model stays finite."""
