@@ -31,6 +31,7 @@ from jaxllm.train import checkpoint, finetune
 from jaxllm.train.optim import OptimizerConfig
 from jaxllm.train.state import init_state
 from jaxllm.train.step import make_train_step, total_loss
+from tests.trajectory import assert_same_trajectory
 
 MODEL = presets.get("tiny", vocab_size=128, max_len=32)
 ONE_DEVICE = jax.devices()[:1]
@@ -148,24 +149,6 @@ def test_dpo_reference_is_precomputed_once_and_reused_on_resume(start_params, tm
     other = {**pairs, "chosen_tokens": pairs["chosen_tokens"][::-1].copy()}
     with pytest.raises(ValueError, match="different pairs"):
         mp.fit_preference(cfg, other, tmp_path, devices=ONE_DEVICE, verbose=False)
-
-
-def assert_same_trajectory(params, reference, start, rel=1e-3):
-    """`params` and `reference` are the same training run up to float32 reduction order.
-
-    Sharded and single-device steps sum gradients in different orders (and CPUs with and without
-    AVX-512 vectorise differently), so gradients agree to ~1e-6 relative. Adam divides each moment
-    by its own scale: an element whose gradient is at the rounding level gets an O(1)·lr step whose
-    sign rounding decides, so an element-wise tolerance cannot hold on every CPU. What does hold is
-    that such elements are rare: per parameter array, the difference is tiny against the distance
-    the run travelled, ||params - reference|| <= rel * ||reference - start||.
-    """
-    for (path, a), b, s in zip(jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0],
-                               jax.tree.leaves(jax.device_get(reference)), jax.tree.leaves(jax.device_get(start))):
-        a, b, s = (np.asarray(x, np.float64) for x in (a, b, s))
-        travelled = np.linalg.norm(b - s)
-        assert travelled > 0, f"{jax.tree_util.keystr(path)} did not move"
-        assert np.linalg.norm(a - b) <= rel * travelled, (jax.tree_util.keystr(path), np.linalg.norm(a - b), travelled)
 
 
 def test_sharded_run_resumed_on_one_device_matches_one_device_run(start_params, tmp_path):

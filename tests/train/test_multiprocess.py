@@ -16,6 +16,7 @@ import pytest
 from jaxllm.model import llama
 from jaxllm.train import checkpoint, pretrain
 from jaxllm.train.config import TrainConfig
+from tests.trajectory import assert_same_trajectory
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -82,8 +83,13 @@ def test_two_process_run_equals_single_process_and_its_checkpoint_reads_in_one(t
     cfg = train_config(data_file).model
     abstract = jax.eval_shape(lambda rng: llama.init_params(cfg, rng), jax.random.key(0))
     params = checkpoint.restore_params(workdir / "checkpoints", abstract)
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference.state.params)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+    # Same trajectory up to reduction order (tests/trajectory.py says why no element-wise bound
+    # holds); `fit` starts from the first half of its seed's key, and the distance travelled must be
+    # a small part of that start, or this is not the runs' start.
+    start = llama.init_params(cfg, jax.random.split(jax.random.key(train_config(data_file).seed))[0])
+    for a, s in zip(jax.tree.leaves(reference.state.params), jax.tree.leaves(start)):
+        assert np.linalg.norm(np.asarray(a) - np.asarray(s)) < 0.5 * np.linalg.norm(np.asarray(s))
+    assert_same_trajectory(params, reference.state.params, start)
     # Resuming the whole run needs the same process count: each data position is one shard's.
     with pytest.raises(ValueError, match=r"different process count.*process_0-of-2.json.*needs process_0-of-1"):
         pretrain.pretrain(train_config(data_file), workdir)
