@@ -44,7 +44,6 @@ other lines are unaffected).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -60,6 +59,7 @@ from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.methods.proxy_tuning import check_vocabularies, proxy_engine
 from jaxllm.serve import Engine, ProxyTriple, SamplingParams, api_server
+from jaxllm.serve.sampling import check_alpha
 from launch import common
 
 REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop", "stop_token_ids", "ignore_eos")
@@ -81,9 +81,7 @@ def build_engine(source: str, config: ml_collections.ConfigDict, tokenizer: Toke
     `config.engine` (and `tokenizer`, for text and stop strings). With `expert` and `anti_expert`:
     a proxy-tuned engine, `source` steered by base + α·(expert − anti) (`proxy_engine`);
     FileNotFoundError names a member whose source is missing, ValueError a non-finite α."""
-    if (expert is None) != (anti_expert is None):
-        raise ValueError(f"proxy-tuning needs both an expert and an anti-expert, got expert={expert!r}, "
-                         f"anti_expert={anti_expert!r}")
+    check_proxy(expert, anti_expert, alpha)
     if expert is None:
         model_cfg, params = model_format.load_model(source)
         return Engine(model_cfg, params, tokenizer=tokenizer, **dict(config.engine))
@@ -91,6 +89,16 @@ def build_engine(source: str, config: ml_collections.ConfigDict, tokenizer: Toke
                (("base", source), ("expert", expert), ("anti_expert", anti_expert))]
     return proxy_engine(ProxyTriple(*(c for c, _ in members)), ProxyTriple(*(p for _, p in members)), alpha,
                         tokenizer=tokenizer, **dict(config.engine))
+
+
+def check_proxy(expert: str | None, anti_expert: str | None, alpha: float) -> None:
+    """ValueError unless the proxy-tuning arguments make a triple: both members or neither, and a
+    finite α (checked before anything loads)."""
+    if (expert is None) != (anti_expert is None):
+        raise ValueError(f"proxy-tuning needs both an expert and an anti_expert, got expert={expert!r}, "
+                         f"anti_expert={anti_expert!r}")
+    if expert is not None:
+        check_alpha(alpha)
 
 
 def load_member(role: str, source: str):
@@ -250,10 +258,7 @@ def main(argv):
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if (FLAGS.expert is None) != (FLAGS.anti_expert is None):
-        raise app.UsageError("proxy-tuning needs both --expert and --anti_expert")
-    if FLAGS.expert is not None and not math.isfinite(FLAGS.alpha):
-        raise app.UsageError(f"--alpha must be a finite number, got {FLAGS.alpha}")
+    check_proxy(FLAGS.expert, FLAGS.anti_expert, FLAGS.alpha)
     proxy = dict(expert=FLAGS.expert, anti_expert=FLAGS.anti_expert)
     tokenizer = load_tokenizer(FLAGS.source, FLAGS.tokenizer, **proxy)
     defaults = dict(FLAGS.config.sampling)

@@ -355,6 +355,12 @@ def combine_proxy_logits(base_SV: jax.Array, expert_SV: jax.Array, anti_SV: jax.
     return head(base_SV) + alpha * (head(expert_SV) - head(anti_SV))
 
 
+def check_alpha(alpha) -> None:
+    """ValueError unless the proxy-tuning weight `alpha` is a finite number."""
+    if not isinstance(alpha, (int, float, np.floating, np.integer)) or not math.isfinite(alpha):
+        raise ValueError(f"proxy-tuning alpha must be a finite number, got {alpha!r}")
+
+
 def proxy_tuned(base: LogitsFn, expert: LogitsFn, anti: LogitsFn, alpha: float = 1.0, *,
                 vocab_size: int | None = None) -> LogitsFn:
     """Proxy-tuning ensemble as one LogitsFn: logits = base + α·(expert − anti).
@@ -366,8 +372,7 @@ def proxy_tuned(base: LogitsFn, expert: LogitsFn, anti: LogitsFn, alpha: float =
     order. Returns (combined logits_SV, ProxyTriple of the members' new caches). ValueError when
     `alpha` is not a finite number.
     """
-    if not isinstance(alpha, (int, float, np.floating, np.integer)) or not math.isfinite(alpha):
-        raise ValueError(f"proxy-tuning alpha must be a finite number, got {alpha!r}")
+    check_alpha(alpha)
     members = ProxyTriple(base, expert, anti)
 
     def per_member(x):

@@ -174,7 +174,7 @@ def test_proxy_members_are_checked_by_name(triple, tmp_path):
         serve.load_tokenizer(paths["base"], expert=str(tmp_path / "bare"), anti_expert=paths["anti"])
     assert serve.load_tokenizer(paths["base"], paths["base"] + "/tokenizer.model", expert=str(tmp_path / "bare"),
                                 anti_expert=paths["anti"]).vocab_size == TOKENIZER.vocab_size
-    with pytest.raises(ValueError, match="both an expert and an anti-expert"):
+    with pytest.raises(ValueError, match="both an expert and an anti_expert"):
         serve.build_engine(paths["base"], config, expert=paths["expert"])
     with pytest.raises(ValueError, match="alpha must be a finite number, got nan"):
         serve.build_engine(paths["base"], config, expert=paths["expert"], anti_expert=paths["anti"],
