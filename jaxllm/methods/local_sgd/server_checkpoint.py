@@ -100,10 +100,6 @@ def _config(server: ParameterServer) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(server.cfg)))
 
 
-def _job(d: dict) -> Job:
-    return Job(**d)
-
-
 def _planner_state(planner) -> dict:
     return {"rng": planner.rng.bit_generator.state, "consumed": list(planner.consumed), "remaining": planner.remaining}
 
@@ -145,7 +141,7 @@ def _host_state(s: ParameterServer) -> tuple[dict, dict, dict]:
 
 def _load_host_state(s: ParameterServer, d: dict, kept: dict, grads: dict) -> None:
     s.version, s.local_steps, s._recorded_version = d["version"], d["local_steps"], d["recorded_version"]
-    s.open = {int(w): _job(job) for w, job in d["open"].items()}
+    s.open = {int(w): Job(**job) for w, job in d["open"].items()}
     s.history = History.from_dict(d["history"])
     s.start_time = s.clock() - d["elapsed"]
     if isinstance(s, ReplayServer):
@@ -153,7 +149,7 @@ def _load_host_state(s: ParameterServer, d: dict, kept: dict, grads: dict) -> No
                                            {int(w): collections.deque(q) for w, q in d["queues"].items()})
         s.pending = collections.defaultdict(dict)
         for version, group in d["pending"].items():
-            s.pending[int(version)] = {int(j): None if held is None else (_job(held[0]), grads[int(j)], held[1])
+            s.pending[int(version)] = {int(j): None if held is None else (Job(**held[0]), grads[int(j)], held[1])
                                        for j, held in group.items()}
         s.uses = collections.Counter({int(v): n for v, n in d["uses"].items()})
         s.kept = kept
@@ -163,6 +159,6 @@ def _load_host_state(s: ParameterServer, d: dict, kept: dict, grads: dict) -> No
     if isinstance(s, AsyncServer):
         s.window_end = None if d["window_left"] is None else s.clock() + d["window_left"]
     else:
-        s.todo = {int(w): _job(job) for w, job in d["todo"].items()}
+        s.todo = {int(w): Job(**job) for w, job in d["todo"].items()}
         s.outstanding = set(d["outstanding"])
-        s.accepted = [(_job(job), grads[job["job_id"]], loss) for job, loss in d["accepted"]]
+        s.accepted = [(Job(**job), grads[job["job_id"]], loss) for job, loss in d["accepted"]]
