@@ -17,13 +17,6 @@ from jaxllm.data import tokenizer as tokenizer_lib
 from jaxllm.model import hf
 from launch import common
 
-_SOURCE = flags.DEFINE_string("source", None, "Model: jaxllm model dir, launch.train workdir or HF folder.")
-_OUTPUT = flags.DEFINE_string("output", None, "HF folder to write.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer folder or tokenizer.model file, 'default' for the "
-                                 "shipped one ('' = the one the source carries).")
-flags.mark_flags_as_required(["source", "output"])
-
-
 def export(source: str, output: str, tokenizer: str = "") -> None:
     """Write the HF folder of `source` to `output`. FileNotFoundError when neither the source nor
     `tokenizer` provides a tokenizer."""
@@ -33,11 +26,23 @@ def export(source: str, output: str, tokenizer: str = "") -> None:
     hf.save(output, cfg, params, tokenizer=tok)
 
 
+def define_flags():
+    """The command-line flags (defined only when run as a program, so importing this module for
+    `export` leaves the global flag registry alone)."""
+    flags.DEFINE_string("source", None, "Model: jaxllm model dir, launch.train workdir or HF folder.")
+    flags.DEFINE_string("output", None, "HF folder to write.")
+    flags.DEFINE_string("tokenizer", "", "Tokenizer folder or tokenizer.model file, 'default' for the "
+                        "shipped one ('' = the one the source carries).")
+    flags.mark_flags_as_required(["source", "output"])
+
+
 def main(argv):
     common.start(argv)
-    export(_SOURCE.value, _OUTPUT.value, _TOKENIZER.value)
-    print(f"wrote HF folder {_OUTPUT.value}")
+    FLAGS = flags.FLAGS
+    export(FLAGS.source, FLAGS.output, FLAGS.tokenizer)
+    print(f"wrote HF folder {FLAGS.output}")
 
 
 if __name__ == "__main__":
+    define_flags()
     common.run(main)

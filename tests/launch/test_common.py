@@ -1,9 +1,13 @@
 """The launcher preamble: a user error is one line naming the problem and exit status 2, not a traceback."""
+import pathlib
+import subprocess
 import sys
 
 import pytest
 
 from launch import common
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(monkeypatch, capsys, main, env=None):
@@ -59,3 +63,18 @@ def test_flag_errors_are_one_line(monkeypatch, capsys):
         common.run(lambda argv: None)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "nosuchflag" in err
+
+
+
+def test_importing_a_launcher_for_its_functions_defines_no_flags():
+    """Tests and experiments import these launchers for their functions; a flag defined (and marked
+    required) at import would make every later `common.run` in the same process fail. A fresh
+    interpreter, since this one may have imported them already."""
+    modules = ["launch.export_hf", "launch.extend_context", "launch.serve"]
+    code = ("from absl import flags; import importlib\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "ours = {m: [f.name for f in fs] for m, fs in flags.FLAGS.flags_by_module_dict().items()\n"
+            "        if m.startswith('launch')}\n"
+            "assert not ours, f'flags defined at import: {ours}'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
