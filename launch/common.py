@@ -1,5 +1,6 @@
 """What every absl entry point does first: reject stray arguments, quiet library logging, and join
 a multi-process job when the environment asks for one."""
+import logging
 import os
 import sys
 
@@ -63,4 +64,7 @@ def _fail(err: BaseException) -> None:
         message = message.args[0]
     message = " ".join(str(message).split())
     print(f"error: {type(err).__name__}: {message} (JAXLLM_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
+    # A failed checkpoint write leaves orbax's background tasks holding the same error; asyncio would
+    # log each as "Task exception was never retrieved" at exit, after the one line above.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.exit(2)
