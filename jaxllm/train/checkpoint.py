@@ -6,7 +6,9 @@ Each checkpoint is one orbax step directory holding three items:
   run can resume on a different mesh;
 - `data`: the grain iterator's position (`get_state()` as JSON), one file per process
   (`process_{i}-of-{n}.json`, grain's orbax handler), since every host reads its own shard. The
-  position is captured when `save` is called; the file is written in the background;
+  position is captured when `save` is called; the file is written in the background. A plain
+  iterator resumes with the same process count only; a `jaxllm.data.shards.ShardedBatches` reads
+  every process's file and resumes with any process count that divides its shard count;
 - `meta`: JSON with the step and a fingerprint of every array of `state`.
 
 Writes are atomic (orbax writes a temporary directory and renames it when complete; half-written
@@ -31,6 +33,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 
 import grain
 import jax
@@ -39,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxllm.data import shards
 from jaxllm.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -166,12 +170,17 @@ class Checkpointer:
         moved to the saved position; raises if it cannot be read or does not verify.
         `abstract_state` may be a function of the `layout` given to `save` (None if none was)
         returning the abstract state, for states whose tree varies between checkpoints."""
+        items = {}
+        if hasattr(iterator, "set_global_state"):  # takes every process's position: any layout that divides it
+            iterator.set_global_state(self._positions(step))
+        else:
+            self.check_process_layout(step)
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         if callable(abstract_state):
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             abstract_state = abstract_state(meta.get("layout"))
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator),
-            meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(), **items))
         state, meta = restored.state, restored.meta
         if meta.get("step") != step or int(state.step) != step:
             raise ValueError(f"step mismatch: directory {step}, metadata {meta.get('step')}, "
@@ -196,17 +205,30 @@ class Checkpointer:
         self._manager.reload()
 
     def check_process_layout(self, step: int) -> None:
-        """ValueError if checkpoint `step` holds data positions written by a different number of
-        processes than this job has: each process's position belongs to its own shard of the
-        stream, so they cannot be resumed by another layout (the arrays can: `restore_params`)."""
+        """ProcessLayoutError if checkpoint `step` holds data positions written by a different
+        number of processes than this job has, for an iterator that reads one shard per process
+        (a `ShardedBatches` takes any layout that divides its shard count; the arrays take any
+        layout: `restore_params`)."""
         data = self.directory / str(step) / "data"
         written = sorted(p.name for p in data.glob("process_*-of-*.json")) if data.is_dir() else []
         mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if written and mine not in written:
-            raise ValueError(f"checkpoint step {step} in {self.directory} was written by a job of a different "
-                             f"process count (data positions {written}); this job has {jax.process_count()} "
-                             f"process(es) and needs {mine}. Resume with the same process count, or read the "
-                             "weights alone (restore_params / load_model)")
+            raise shards.ProcessLayoutError(
+                f"checkpoint step {step} in {self.directory} was written by a job of a different process count "
+                f"(data positions {written}); this job has {jax.process_count()} process(es) and needs {mine}. "
+                "Resume with the same process count, or read the weights alone (restore_params / load_model)")
+
+    def _positions(self, step: int) -> list:
+        """Every process's saved data position of checkpoint `step`, in process order."""
+        found = {}
+        for path in (self.directory / str(step) / "data").glob("process_*-of-*.json"):
+            index, count = map(int, re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name).groups())
+            found[index] = (count, path)
+        counts = {count for count, _ in found.values()}
+        if len(counts) != 1 or sorted(found) != list(range(next(iter(counts)))):
+            raise ValueError(f"data positions of checkpoint step {step} are incomplete: "
+                             f"{sorted(path.name for _, path in found.values())}")
+        return [json.loads(found[index][1].read_text()) for index in sorted(found)]
 
     def restore_latest(self, abstract_state: TrainState, iterator: grain.DatasetIterator) -> TrainState | None:
         """The state of the newest good checkpoint, arrays placed as in `abstract_state`
@@ -216,9 +238,10 @@ class Checkpointer:
         is readable."""
         failures = []
         for step in reversed(self.all_steps()):
-            self.check_process_layout(step)
             try:
                 restored = self.restore(step, abstract_state, iterator)
+            except shards.ProcessLayoutError:
+                raise  # readable, but by another process count: not corrupt, so not set aside
             except Exception as err:  # orbax/tensorstore raise many types; each means "unreadable"
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one",
                             step, self.directory, _summary(err))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxllm.data import builders, sources
+from jaxllm.data import builders, shards, sources
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.model import flops, llama, model_dir
 from jaxllm.parallel import mesh as mesh_lib
@@ -41,11 +41,23 @@ def loop_config(cfg: TrainConfig, schedule=None) -> LoopConfig:
                       flops_per_token=flops.train_flops_per_token(cfg.model, cfg.seq_len), peak_flops=cfg.peak_flops)
 
 
+def lm_stream(cfg: TrainConfig, tokenizer: Tokenizer) -> shards.ShardedBatches:
+    """The packed LM batches of `cfg.data` (`sources.lm_batches`): this process's rows of global
+    batches of `cfg.batch_size`, drawn from data shards that a resumed run keeps whatever its
+    process count (`jaxllm.data.shards`)."""
+    source = open_source(cfg.data)
+    return shards.ShardedBatches(lambda index, count, rows: sources.lm_batches(
+        source, tokenizer, batch_size=rows, seq_len=cfg.seq_len, seed=cfg.seed, shuffle=cfg.data.shuffle,
+        packing=cfg.data.packing, text_key=cfg.data.text_key, worker_count=cfg.data.worker_count,
+        shard_index=index, shard_count=count), global_batch=cfg.batch_size)
+
+
 def pretrain(cfg: TrainConfig, workdir: str | os.PathLike, *, devices: Sequence[jax.Device] | None = None,
              until_step: int | None = None) -> FitResult:
     """Trains `cfg` in `workdir` through `fit` (resuming from its newest good checkpoint): packed
     LM batches of `cfg.data`, the NLL of `jaxllm.train.lm`, `optim.make_optimizer`, and at the last
-    step a sample of `cfg.sample_tokens` tokens after `cfg.sample_prompt` in the final record. The
+    step a sample of `cfg.sample_tokens` tokens after `cfg.sample_prompt` in the final record. A
+    checkpoint resumes with any process count that divides the one that started the run. The
     workdir records the model (`config.json`, tokenizer: `jaxllm.model.record_model`), so
     `jaxllm.model.load_model(workdir)` reads its newest checkpoint back.
     ValueError on a config that does not fit the mesh or tokenizer; see `fit` for the rest."""
@@ -56,10 +68,7 @@ def pretrain(cfg: TrainConfig, workdir: str | os.PathLike, *, devices: Sequence[
     cfg.check_vocab(tokenizer.vocab_size)
     if jax.process_index() == 0:
         model_dir.record_model(workdir, cfg.model, tokenizer)
-    batches = sources.lm_batches(
-        open_source(cfg.data), tokenizer, batch_size=cfg.batch_size // jax.process_count(), seq_len=cfg.seq_len,
-        seed=cfg.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing, text_key=cfg.data.text_key,
-        worker_count=cfg.data.worker_count)
+    batches = lm_stream(cfg, tokenizer)
     optimizer, schedule = optim.make_optimizer(cfg.optimizer, cfg.steps)
     hooks = []
     if cfg.sample_tokens:

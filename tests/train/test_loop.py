@@ -51,8 +51,7 @@ def straight(tmp_path_factory):
 def batches():
     """A fresh data iterator of the pipeline `fit` builds for `tiny_config()`."""
     cfg = tiny_config()
-    return real_lm_batches(pretrain.open_source(cfg.data), pretrain.load_tokenizer(cfg.data), batch_size=cfg.batch_size,
-                           seq_len=cfg.seq_len, seed=cfg.seed)
+    return pretrain.lm_stream(cfg, pretrain.load_tokenizer(cfg.data))
 
 
 def read_metrics(workdir):

@@ -1,10 +1,11 @@
 """A real multi-process run: two `launch.train` processes on this machine, joined by
 `jax.distributed` (coordinator on loopback, gloo CPU collectives), 4 fake devices each, one global
 `fsdp:8` mesh. Its loss curve equals the single-process 8-device run's, and the checkpoint both
-processes wrote is read back in one process."""
+processes wrote resumes in one process, which continues the 2-process run's loss curve."""
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_process_run_equals_single_process_and_its_checkpoint_reads_in_one(tmp_path, data_file):
+def test_two_process_run_equals_single_process_and_its_checkpoint_resumes_in_one(tmp_path, data_file):
     reference = pretrain.pretrain(train_config(data_file), tmp_path / "single")  # this process: 8 fake devices
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -90,6 +91,16 @@ def test_two_process_run_equals_single_process_and_its_checkpoint_reads_in_one(t
     for a, s in zip(jax.tree.leaves(reference.state.params), jax.tree.leaves(start)):
         assert np.linalg.norm(np.asarray(a) - np.asarray(s)) < 0.5 * np.linalg.norm(np.asarray(s))
     assert_same_trajectory(params, reference.state.params, start)
-    # Resuming the whole run needs the same process count: each data position is one shard's.
-    with pytest.raises(ValueError, match=r"different process count.*process_0-of-2.json.*needs process_0-of-1"):
-        pretrain.pretrain(train_config(data_file), workdir)
+
+    # The whole run resumes in one process: from step 3 (step 6 removed), its 8 devices read both
+    # processes' data shards, so steps 4-6 see the 2-process run's global batches, row for row.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / str(STEPS))
+    assert sorted(p.name for p in (resumed_dir / "checkpoints" / "3" / "data").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    resumed = pretrain.pretrain(train_config(data_file), resumed_dir)
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step, loss in resumed.losses.items():
+        assert abs(multi[step] - loss) <= 1e-5 * abs(loss), (step, multi[step], loss)
+    assert_same_trajectory(resumed.state.params, params, start)
