@@ -1,6 +1,7 @@
 """The engine with the Pallas TPU `ragged_paged_attention` kernel: its sharded step compiles for a
 TPU slice from this host, and it refuses a CPU backend and heads narrower than 128 lanes. (Its
-numerics are not checked here: jax 0.10.2's TPU interpreter fails on this kernel.)"""
+numerics are not checked here: jax 0.10.2's TPU interpreter cannot read the kernel's reshaped refs,
+AttributeError: 'ReshapeTransform' object has no attribute 'indices'.)"""
 import importlib.util
 
 import jax
