@@ -80,6 +80,7 @@ def compile_serve_step(cfg: llama.LlamaConfig, topology: str, mesh_spec: str, *,
     kind = devices[0].device_kind
     base = dict(topology=topology, chips=len(devices), device_kind=kind, mesh=mesh_spec,
                 pool_tokens=num_blocks * block_size, hbm_bytes=HBM_BYTES.get(kind, 0))
+    cfg = sharding.serving_config(cfg, mesh)  # as the engine runs it: kv heads repeated up to the shards
     put = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     params = jax.tree.map(put, jax.eval_shape(lambda r: llama.init_params(cfg, r), jax.random.key(0)),
                           sharding.param_shardings(cfg, mesh))

@@ -72,7 +72,8 @@ class Engine:
     with `set_params` (which also drops the prefix cache, whose K/V belong to the old weights).
 
     `mesh`: shard a `LlamaConfig` model's weights and KV pool over the mesh's `tensor` axis
-    (`jaxllm.serve.sharding`); the step runs under it.
+    (`jaxllm.serve.sharding`; kv heads fewer than the shards are repeated, one per shard); the step
+    runs under it. `set_params` takes the model's own params either way.
     """
 
     def __init__(self, model: LlamaConfig | LogitsFn, params, *, token_budget: int = 256, block_size: int = 16,
@@ -81,6 +82,9 @@ class Engine:
                  prefix_caching: bool = True, max_model_len: int | None = None, kv_spec=None,
                  vocab_size: int | None = None, attention: AttentionFn = paged_attention, tokenizer=None,
                  mesh: jax.sharding.Mesh | None = None):
+        if mesh is not None and isinstance(model, LlamaConfig):
+            sharding.check_mesh(model, mesh)
+            self._given_cfg, model = model, sharding.serving_config(model, mesh)  # kv heads repeated
         if isinstance(model, LlamaConfig):
             if kv_spec is not None or vocab_size is not None:
                 raise ValueError("kv_spec and vocab_size come from the LlamaConfig; pass them only with a LogitsFn")
@@ -95,8 +99,6 @@ class Engine:
             raise ValueError(f"model must be a LlamaConfig or a LogitsFn, got {type(model).__name__}")
         if mesh is not None and not isinstance(model, LlamaConfig):
             raise ValueError("an engine on a mesh needs the model as a LlamaConfig (its axis names say how to shard it)")
-        if mesh is not None:
-            sharding.check_mesh(model, mesh)
         self.mesh, self._model_cfg = mesh, model
         specs, self._treedef = jax.tree.flatten(kv_spec)
         bad = [s for s in specs if not isinstance(s, KVSpec)]
@@ -195,7 +197,10 @@ class Engine:
         self.params = self._place(params)
 
     def _place(self, params):
-        return params if self.mesh is None else sharding.shard_params(self._model_cfg, params, self.mesh)
+        if self.mesh is None:
+            return params
+        params = sharding.repeat_kv_heads(params, self._given_cfg, self._model_cfg)
+        return sharding.shard_params(self._model_cfg, params, self.mesh)
 
     def _prepare(self, label, prompt, sampling):
         """Validated (scheduler tokens, prompt_key, streams) of one request; raises ValueError.

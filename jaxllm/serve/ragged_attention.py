@@ -26,8 +26,8 @@ def ragged_paged_attention(q_THK: jax.Array, k_TGK: jax.Array, v_TGK: jax.Array,
     """`paged_attention`'s contract through the Pallas kernel (queries pre-scaled: softmax scale 1).
 
     Under the engine's `tensor` mesh the kernel runs per shard (`jax.shard_map`; XLA cannot
-    partition a Mosaic call): each shard's query heads with their kv heads, which are the shard's
-    own when kv heads split over `tensor`, else sliced from the replicated ones."""
+    partition a Mosaic call) on the shard's query heads and its own kv heads (the engine repeats
+    kv heads fewer than the shards: `jaxllm.serve.sharding.serving_config`)."""
     del offset_S  # rows start at table index 0 (see the module docstring)
     kernels.check_backend("splash")  # the same requirement: a TPU (or interpret mode)
     mesh = jax.sharding.get_abstract_mesh()
@@ -35,22 +35,12 @@ def ragged_paged_attention(q_THK: jax.Array, k_TGK: jax.Array, v_TGK: jax.Array,
     if t == 1:
         return _local(q_THK, k_TGK, v_TGK, k_NPGK, v_NPGK, batch)
     G = k_NPGK.shape[2]
-    split = G % t == 0
-    if not split and t % G:
-        raise ValueError(f"ragged_paged_attention: {G} kv heads neither split over nor divide tensor={t}")
+    if G % t:
+        raise ValueError(f"ragged_paged_attention: {G} kv heads do not split over tensor={t}")
     heads = PartitionSpec(None, "tensor", None)
-    pool = PartitionSpec(None, None, "tensor", None) if split else PartitionSpec()
-
-    def shard(q_THK, k_TGK, v_TGK, k_NPGK, v_NPGK, batch):
-        if not split:  # this shard's query heads all read kv head g
-            g = jax.lax.axis_index("tensor") // (t // G)
-            k_TGK, v_TGK = (jax.lax.dynamic_slice_in_dim(x, g, 1, axis=1) for x in (k_TGK, v_TGK))
-            k_NPGK, v_NPGK = (jax.lax.dynamic_slice_in_dim(x, g, 1, axis=2) for x in (k_NPGK, v_NPGK))
-        return _local(q_THK, k_TGK, v_TGK, k_NPGK, v_NPGK, batch)
-
-    kv = heads if split else PartitionSpec()
-    return jax.shard_map(shard, mesh=mesh, in_specs=(heads, kv, kv, pool, pool, PartitionSpec()), out_specs=heads,
-                         check_vma=False)(q_THK, k_TGK, v_TGK, k_NPGK, v_NPGK, batch)
+    pool = PartitionSpec(None, None, "tensor", None)
+    return jax.shard_map(_local, mesh=mesh, in_specs=(heads, heads, heads, pool, pool, PartitionSpec()),
+                         out_specs=heads, check_vma=False)(q_THK, k_TGK, v_TGK, k_NPGK, v_NPGK, batch)
 
 
 def _local(q_THK, k_TGK, v_TGK, k_NPGK, v_NPGK, batch: RaggedBatch):

@@ -2,10 +2,12 @@
 
 Parameters take the project's logical axis rules (`jaxllm.parallel.rules`): attention heads, MLP
 hidden units and the vocabulary split over `tensor`. The KV pool [L, N, P, G, K] splits its kv
-heads G over `tensor` as the k/v projections do; when there are fewer kv heads than shards (or
-they do not divide), the k/v projections and the pool keep every kv head on every shard
-(replicated), as vLLM does. The jitted step then runs under the mesh with the same rules, so the
-model's activation constraints apply and XLA inserts the collectives.
+heads G over `tensor` as the k/v projections do. With fewer kv heads than shards, each kv head is
+repeated on the shards whose query heads read it, as vLLM does (`serving_config`): every shard
+then holds one kv head's projections and pool, not all of them. Only a kv head count that neither
+divides nor is divided by `tensor` keeps every kv head on every shard. The jitted step runs under
+the mesh with the same rules, so the model's activation constraints apply and XLA inserts the
+collectives.
 
 Only `tensor` is used: one engine pass is one flat row, with no batch axis to split over
 `data`/`fsdp`.
@@ -13,6 +15,7 @@ Only `tensor` is used: one engine pass is one flat row, with no batch axis to sp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -32,6 +35,30 @@ def check_mesh(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh) -> None:
     tensor = mesh.shape.get("tensor", 1)
     if cfg.n_heads % tensor:
         raise ValueError(f"mesh axis 'tensor' of size {tensor} does not divide the model's n_heads={cfg.n_heads}")
+
+
+def serving_config(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh) -> llama.LlamaConfig:
+    """The model as the engine runs it on `mesh`: when `tensor` is a multiple of the kv heads G,
+    n_kv_heads = `tensor`, each kv head repeated tensor / G times. The attention is the same:
+    query head h reads kv head h // (n_heads / G) either way, now a copy on its own shard."""
+    tensor = mesh.shape.get("tensor", 1)
+    if cfg.n_kv_heads < tensor and tensor % cfg.n_kv_heads == 0:
+        return dataclasses.replace(cfg, n_kv_heads=tensor)
+    return cfg
+
+
+def repeat_kv_heads(params, cfg: llama.LlamaConfig, serving: llama.LlamaConfig):
+    """`params` of `cfg` as params of `serving = serving_config(cfg, mesh)`: the k/v projections'
+    kv-head axis [..., D, G, K] repeated (each head's copies adjacent)."""
+    repeats = serving.n_kv_heads // cfg.n_kv_heads
+    if repeats == 1:
+        return params
+
+    def repeat(path, x):
+        names = [getattr(key, "key", None) for key in path[-2:]]
+        return jnp.repeat(x, repeats, axis=-2) if names in (["attn", "k"], ["attn", "v"]) else x
+
+    return jax.tree_util.tree_map_with_path(repeat, params)
 
 
 def kv_heads_sharded(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh) -> bool:

@@ -1,5 +1,6 @@
 """The engine on a `tensor` mesh of fake CPU devices produces the single-device engine's greedy
-tokens, with kv heads sharded (tensor:2) and replicated (tensor:4, tensor:8 over 2 kv heads)."""
+tokens, with kv heads split (tensor:2) and repeated so that each shard holds one (tensor:4,
+tensor:8 over 2 kv heads)."""
 import jax
 import numpy as np
 import pytest
@@ -27,8 +28,15 @@ def test_sharded_engine_greedy_equals_single_device(single_device_tokens, tensor
     engine = Engine(CFG, PARAMS, mesh=mesh, **ENGINE)
     q = engine.params["layers_0"]["attn"]["q"]
     assert q.sharding.shard_shape(q.shape) == (64, 8 // tensor, 8)  # heads split over the shards
-    pool_shard = engine._pools[0].k.sharding.shard_shape(engine._pools[0].k.shape)
-    assert pool_shard[3] == (1 if tensor == 2 else 2)  # 2 kv heads: split over 2, replicated over 4 and 8
+    pool = engine._pools[0].k
+    assert pool.shape[3] == tensor and pool.sharding.shard_shape(pool.shape)[3] == 1  # one kv head per shard
+    k = engine.params["layers_0"]["attn"]["k"]
+    assert k.shape == (64, tensor, 8) and k.sharding.shard_shape(k.shape) == (64, 1, 8)
+    # Shard s holds kv head s // (tensor / 2): a copy of the one its query heads read.
+    k_given = np.asarray(PARAMS["layers_0"]["attn"]["k"])
+    for shard in k.addressable_shards:
+        s = shard.index[1].start
+        np.testing.assert_array_equal(np.asarray(shard.data)[:, 0], k_given[:, s // (tensor // 2)])
     assert [c.tokens for c in engine.generate(PROMPTS, SAMPLING)] == single_device_tokens
     engine.set_params(PARAMS)  # new weights are placed on the mesh again
     assert engine.params["layers_0"]["attn"]["q"].sharding == q.sharding
