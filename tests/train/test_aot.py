@@ -61,8 +61,8 @@ def test_sharded_engine_step_compiles_for_tpu_and_reports_the_pool():
     report = serve_aot.compile_serve_step(cfg, "v5e:2x2", "tensor:4", num_blocks=64, block_size=16,
                                           token_budget=32, max_seqs=8, context_len=256)
     assert report.fits and report.chips == 4
-    # 2 kv heads < 4 shards: every chip keeps both; K and V, 2 layers, head dim 16, bf16
-    assert report.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
+    # 2 kv heads < 4 shards: each repeated on two chips, one per chip; K and V, 2 layers, head dim 16, bf16
+    assert report.kv_bytes_per_token == 2 * 2 * 1 * 16 * 2
     assert report.pool_bytes == 64 * 16 * report.kv_bytes_per_token
     want = (report.hbm_bytes - report.weight_bytes - report.temp_bytes) // report.kv_bytes_per_token
     assert report.max_pool_tokens == want > 0
