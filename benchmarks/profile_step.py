@@ -2,7 +2,12 @@ r"""Where one decode-heavy engine pass spends its time: host vs compiled step, a
 attention, K/V write, matmuls, LM head and sampling, each timed as an isolated jitted program of
 the pass's shapes (median of --reps runs).
 
-  python benchmarks/profile_step.py [--model=small|large] [--decodes=64] [--context=96]
+  python benchmarks/profile_step.py [--model=small|large] [--decodes=64] [--context=96] [--trace]
+
+`--trace` also records the compiled step with `jax.profiler` and sums the XLA:CPU thread time of
+each of its operations per pass, grouped by kind (the K/V history gathers, the dots by output
+shape, the rest), with the program's temporary memory and the page faults per pass: the
+measured breakdown, where the pieces below are re-creations.
 
 The pass: `--decodes` sequences each decoding one token after `--context` cached ones (SplitFuse
 budget 256, block size 16, as in `serve.py`). "Step" is the engine's jitted `_device_step` (model
@@ -13,8 +18,15 @@ exactly, the step: the difference is norms, RoPE, embedding, residuals and fusio
 """
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import os
+import re
+import resource
 import sys
+import tempfile
 import time
 
 import jax
@@ -38,6 +50,9 @@ _CLOCK = flags.DEFINE_enum("clock", "cpu", ["cpu", "wall"], "cpu: process CPU ti
                            "other load on a shared machine; wall: elapsed time")
 
 
+_TRACE = flags.DEFINE_bool("trace", False, "also break the compiled step down by XLA operation (jax.profiler trace)")
+
+
 def median_time(fn, reps: int) -> float:
     clock = time.process_time if _CLOCK.value == "cpu" else time.perf_counter
     jax.block_until_ready(fn())
@@ -47,6 +62,56 @@ def median_time(fn, reps: int) -> float:
         jax.block_until_ready(fn())
         times.append(clock() - start)
     return float(np.median(times))
+
+
+def _fusion_kinds(hlo: str) -> dict[str, str]:
+    """Kind of each operation of the entry computation: 'K/V history gather', 'dot -> <shape>' or
+    'other' (from the fused computation it calls)."""
+    bodies, current = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^%(\S+) .*\{$", line)
+        if head:
+            current = bodies.setdefault(head.group(1), [])
+        elif current is not None:
+            current.append(line)
+    kinds = {}
+    for line in hlo.split("ENTRY", 1)[-1].splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) fusion\(.*calls=%([\w.\-]+)", line)
+        if m:
+            body = "\n".join(bodies.get(m.group(3), []))
+            kinds[m.group(1)] = ("K/V history gather" if " gather(" in body and "s32" not in m.group(2)
+                                 and m.group(2).count(",") >= 3 else
+                                 f"dot -> {m.group(2).split('{')[0]}" if " dot(" in body else "other")
+    return kinds
+
+
+def thunk_profile(fn, args: tuple, reps: int) -> dict:
+    """Per pass of the jitted `fn(*args)`: XLA:CPU thread time and count of each kind of operation
+    (from a jax.profiler trace of `reps` calls), the executions' wall time, the program's
+    temporary memory and the process's minor page faults."""
+    compiled = fn.lower(*args).compile()
+    kinds = _fusion_kinds(compiled.as_text())
+    jax.block_until_ready(fn(*args))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(reps):
+        jax.block_until_ready(fn(*args))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / reps
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(reps):
+                jax.block_until_ready(fn(*args))
+        (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+        with gzip.open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    per_kind = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e["name"] in kinds:
+            entry = per_kind[kinds[e["name"]]]
+            entry[0] += e["dur"] * 1e-6 / reps
+            entry[1] += 1 / reps
+    wall = [e["dur"] * 1e-6 for e in events if e["name"] == "ThunkExecutor::Execute (wait for completion)"]
+    return {"kinds": dict(per_kind), "wall": float(np.median(wall)), "faults": faults,
+            "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 1e6}
 
 
 def main(argv):
@@ -127,6 +192,15 @@ def main(argv):
         print(f"| · {name} | {t * 1e3:.2f} | {t / step_total:.0%} |")
     rest = device - sum(pieces.values())
     print(f"| · rest of the step (norms, RoPE, embedding, residuals, fusion) | {rest * 1e3:.2f} | {rest / step_total:.0%} |")
+    if _TRACE.value:
+        prof = thunk_profile(engine._step_fn, (engine.params, engine._pools, batches_d, offsets_d, rows_d, None), reps)
+        total = sum(t for t, _ in prof["kinds"].values())
+        print(f"\ncompiled step by XLA operation (jax.profiler, {reps} passes): wall {prof['wall'] * 1e3:.1f} ms per "
+              f"pass, thread time {total * 1e3:.1f} ms (all threads); temporaries {prof['temp_mb']:.1f} MB; "
+              f"{prof['faults']:.0f} minor page faults per pass")
+        print("| operations | count per pass | thread ms per pass | share |\n|---|---|---|---|")
+        for kind, (t, n) in sorted(prof["kinds"].items(), key=lambda kv: -kv[1][0]):
+            print(f"| {kind} | {n:.0f} | {t * 1e3:.2f} | {t / total:.0%} |")
 
 
 if __name__ == "__main__":
